@@ -1,0 +1,1 @@
+"""jaxkd: knowledge distillation in JAX/Flax."""
