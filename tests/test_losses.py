@@ -1,0 +1,96 @@
+"""Hinton KD and cross-entropy against formulas written out in numpy."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxkd import losses
+
+
+def _np_log_softmax(z):
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def _np_softmax(z):
+    return np.exp(_np_log_softmax(z))
+
+
+def _np_hinton(s, t, T, mode):
+    p_t = _np_softmax(t / T)
+    log_p_s = _np_log_softmax(s / T)
+    if mode == "soft_ce":
+        v = -(p_t * log_p_s).sum(-1)
+    else:
+        v = (p_t * (np.log(p_t) - log_p_s)).sum(-1)
+        if mode == "legacy_mean":
+            v = v / s.shape[-1]
+    return v * T * T
+
+
+@pytest.mark.parametrize("mode", ["kl", "soft_ce", "legacy_mean"])
+@pytest.mark.parametrize("T", [1.0, 4.0, 20.0])
+def test_hinton_kd_matches_numpy(mode, T):
+    rng = np.random.default_rng(0)
+    s = rng.normal(size=(16, 10)).astype(np.float64) * 3
+    t = rng.normal(size=(16, 10)).astype(np.float64) * 3
+    got = np.asarray(losses.hinton_kd(jnp.float32(s), jnp.float32(t), temperature=T, mode=mode))
+    assert got.shape == (16,)
+    np.testing.assert_allclose(got, _np_hinton(s, t, T, mode), rtol=2e-5, atol=1e-6)
+
+
+def test_legacy_mean_equals_elementwise_mean_of_kl_terms():
+    # peterliht's KLDivLoss(): mean over all B*C elements of p_t*(log p_t - log p_s), times T^2.
+    rng = np.random.default_rng(1)
+    s, t, T = rng.normal(size=(8, 5)), rng.normal(size=(8, 5)), 6.0
+    p_t = _np_softmax(t / T)
+    elementwise = p_t * (np.log(p_t) - _np_log_softmax(s / T))
+    expected = elementwise.mean() * T * T
+    got = float(jnp.mean(losses.hinton_kd(jnp.float32(s), jnp.float32(t), T, mode="legacy_mean")))
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["kl", "soft_ce"])
+def test_hinton_kd_gradient(mode):
+    rng = np.random.default_rng(2)
+    B, C, T = 12, 7, 4.0
+    s, t = rng.normal(size=(B, C)).astype(np.float32), rng.normal(size=(B, C)).astype(np.float32)
+    g = jax.grad(lambda s_: jnp.mean(losses.hinton_kd(s_, jnp.asarray(t), T, mode=mode)))(jnp.asarray(s))
+    expected = T * (_np_softmax(s / T) - _np_softmax(t / T)) / B
+    np.testing.assert_allclose(np.asarray(g), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_teacher_gets_no_gradient():
+    s, t = jnp.ones((2, 3)), jnp.arange(6.0).reshape(2, 3)
+    g = jax.grad(lambda t_: jnp.sum(losses.hinton_kd(s, t_)))(t)
+    np.testing.assert_array_equal(np.asarray(g), 0.0)
+
+
+def test_cross_entropy_matches_numpy():
+    rng = np.random.default_rng(3)
+    z = rng.normal(size=(9, 4)).astype(np.float32)
+    y = rng.integers(0, 4, size=9)
+    got = np.asarray(losses.cross_entropy(jnp.asarray(z), jnp.asarray(y)))
+    expected = -_np_log_softmax(z.astype(np.float64))[np.arange(9), y]
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    eps = 0.1
+    q = np.full((9, 4), eps / 4)
+    q[np.arange(9), y] += 1 - eps
+    got_ls = np.asarray(losses.cross_entropy(jnp.asarray(z), jnp.asarray(y), label_smoothing=eps))
+    np.testing.assert_allclose(got_ls, -(q * _np_log_softmax(z.astype(np.float64))).sum(-1), rtol=1e-5)
+
+
+def test_clear_errors():
+    with pytest.raises(ValueError, match="same shape"):
+        losses.hinton_kd(jnp.ones((4, 10)), jnp.ones((4, 100)))
+    with pytest.raises(ValueError, match="batch, num_classes"):
+        losses.hinton_kd(jnp.ones((4,)), jnp.ones((4,)))
+    with pytest.raises(ValueError, match="unknown hinton_kd mode"):
+        losses.hinton_kd(jnp.ones((4, 3)), jnp.ones((4, 3)), mode="batchmean")
+    with pytest.raises(ValueError, match="temperature"):
+        losses.hinton_kd(jnp.ones((4, 3)), jnp.ones((4, 3)), temperature=0.0)
+    with pytest.raises(TypeError, match="integer"):
+        losses.cross_entropy(jnp.ones((4, 3)), jnp.ones((4,)))
+    with pytest.raises(ValueError, match="labels must have shape"):
+        losses.cross_entropy(jnp.ones((4, 3)), jnp.ones((5,), jnp.int32))
