@@ -1,0 +1,125 @@
+"""Command line: ``jaxkd train | eval | compare``.
+
+    jaxkd train   --config experiments/configs/digits.py --workdir runs/kd [key=value ...]
+    jaxkd eval    --config experiments/configs/digits.py --workdir runs/kd [--checkpoint best|last]
+    jaxkd compare --config experiments/configs/digits.py --workdir runs/digits [--seeds 0,1,2]
+                  [--sweep method.temperature=1,4,8 --sweep method.alpha=0.5,0.9]
+
+Overrides are ``key=value`` pairs on the config (``optim.lr=0.1``, ``data.num_train_examples=500``).
+Bad input (unknown key, bad value, missing data set or teacher) ends with one ``jaxkd: error:``
+line instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from jaxkd import config as config_lib
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jaxkd", description="Knowledge distillation in JAX/Flax.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp):
+        sp.add_argument("--config", required=True, help="Python config file defining get_config()")
+        sp.add_argument("--workdir", required=True, help="directory for checkpoints, metrics and summaries")
+        sp.add_argument("overrides", nargs="*", help="config overrides key=value")
+
+    t = sub.add_parser("train", help="train one student (resumes from --workdir)")
+    common(t)
+    t.add_argument("--allow-config-change", action="store_true",
+                   help="resume even if key config values differ from the checkpointed run")
+    e = sub.add_parser("eval", help="evaluate a trained student")
+    common(e)
+    e.add_argument("--checkpoint", default="best", choices=("best", "last"))
+    c = sub.add_parser("compare", help="teacher -> baseline student -> distilled student, with a table")
+    common(c)
+    c.add_argument("--seeds", default="0", help="comma-separated seeds for the student runs")
+    c.add_argument("--sweep", action="append", default=[],
+                   help="key=v1,v2,... grid over a config value for the distilled runs (repeatable)")
+    c.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _parse_sweep(items: list[str]) -> dict:
+    sweep = {}
+    for item in items:
+        if "=" not in item:
+            raise config_lib.ConfigError(f"--sweep {item!r} is not of the form key=v1,v2,...")
+        key, values = item.split("=", 1)
+        sweep[key] = [config_lib._parse_value(v) for v in values.split(",")]
+    return sweep
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    config = config_lib.load_config(args.config)
+    config = config_lib.apply_overrides(config, args.overrides)
+    if args.command == "train":
+        from jaxkd.train.loop import train_and_evaluate
+        summary = train_and_evaluate(config, args.workdir, allow_config_change=args.allow_config_change)
+        print(json.dumps(summary, indent=2))
+    elif args.command == "eval":
+        result = evaluate_workdir(config, args.workdir, args.checkpoint)
+        print(json.dumps(result, indent=2))
+    elif args.command == "compare":
+        from jaxkd.experiment import compare, format_table
+        seeds = [int(s) for s in str(args.seeds).split(",") if s != ""]
+        rows = compare(config, args.workdir, seeds=seeds, sweep=_parse_sweep(args.sweep),
+                       progress=not args.no_progress)
+        print()
+        print(format_table(rows, config))
+        print(f"\nwritten: {os.path.join(args.workdir, 'results.md')}, results.json, curves.png")
+    return 0
+
+
+def evaluate_workdir(config, workdir: str, which: str = "best") -> dict:
+    """Eval accuracy of the student stored in ``workdir`` on ``config.data``'s eval split."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxkd import data as data_lib
+    from jaxkd import models as models_lib
+    from jaxkd.train import checkpoint as ckpt_lib
+    from jaxkd.train import step as step_lib
+    from jaxkd.train.loop import evaluate
+
+    d = config.data
+    info, _, eval_src = data_lib.load_dataset(d.name, data_dir=d.data_dir, train_split=d.train_split,
+                                              eval_split=d.eval_split, builder_kwargs=dict(d.builder_kwargs),
+                                              download=d.download)
+    model = models_lib.create_model(config.model.name, info.num_classes, **dict(config.model.kwargs))
+    template = model.init(jax.random.PRNGKey(0), jnp.zeros((1, *info.input_shape), jnp.float32))
+    variables, meta = ckpt_lib.load_model_variables(workdir, template, which, what="student")
+    mesh = step_lib.make_mesh(config.train.num_devices)
+    pipeline = step_lib.InputPipeline(mean=tuple(info.mean), std=tuple(info.std))
+    result = evaluate(step_lib.make_eval_step(model, pipeline, mesh=mesh),
+                      jax.device_put(variables, step_lib.replicated(mesh)), eval_src, d.eval_batch_size, mesh)
+    result["checkpoint"] = which
+    result["epoch"] = (meta or {}).get("epoch")
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    from jaxkd.data import DatasetNotFoundError
+    from jaxkd.train.checkpoint import CheckpointError
+    from jaxkd.train.loop import TrainingError
+
+    try:
+        sys.exit(run(argv))
+    except (config_lib.ConfigError, DatasetNotFoundError, CheckpointError, TrainingError) as e:
+        print(f"jaxkd: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("jaxkd: interrupted; run the same command again to resume", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

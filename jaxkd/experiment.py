@@ -1,0 +1,169 @@
+"""The main job: teacher -> baseline student -> distilled student(s), and the comparison table.
+
+``compare(config, workdir)`` trains (or resumes, or reuses when finished)
+
+* ``WORKDIR/teacher``: ``config.teacher`` with cross-entropy,
+* ``WORKDIR/baseline/seed<k>``: ``config.model`` with cross-entropy,
+* ``WORKDIR/<method>[_<sweep point>]/seed<k>``: ``config.model`` distilled with ``config.method``,
+
+for every seed and every point of an optional sweep grid (e.g. over ``method.temperature`` and
+``method.alpha``), then writes ``results.json``, ``results.md`` and (with matplotlib)
+``curves.png``, and returns the table rows. Every run is an ordinary ``train_and_evaluate``
+run in its own work dir, so an interrupted comparison resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import statistics
+from typing import Iterable, Sequence
+
+import ml_collections
+
+from jaxkd import config as config_lib
+from jaxkd.train.loop import train_and_evaluate
+
+
+def teacher_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict(config.to_dict())
+    c.model = ml_collections.ConfigDict(config.teacher.to_dict())
+    del c.model["workdir"], c.model["checkpoint"]
+    c.method = ml_collections.ConfigDict({"name": "ce"})
+    if config.teacher_train.num_epochs:
+        c.train.num_epochs = config.teacher_train.num_epochs
+    if config.teacher_train.optim:
+        c.optim.update(dict(config.teacher_train.optim))
+    # The teacher is trained once, on the full training set, whatever the student sees.
+    c.data.num_train_examples = None
+    return c
+
+
+def baseline_config(config: ml_collections.ConfigDict, seed: int) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict(config.to_dict())
+    c.method = ml_collections.ConfigDict({"name": "ce"})
+    c.seed = seed
+    return c
+
+
+def distill_config(config, seed: int, teacher_workdir: str, point: dict) -> ml_collections.ConfigDict:
+    c = config_lib.apply_overrides(config, [f"{k}={v!r}" for k, v in point.items()])
+    c.seed = seed
+    c.teacher.workdir = teacher_workdir
+    return c
+
+
+def sweep_points(sweep: dict[str, Sequence]) -> list[dict]:
+    """The grid of a sweep ``{"method.temperature": [1, 4], "method.alpha": [0.5, 0.9]}``."""
+    if not sweep:
+        return [{}]
+    keys = list(sweep)
+    return [dict(zip(keys, values)) for values in itertools.product(*(sweep[k] for k in keys))]
+
+
+def _point_name(method: str, point: dict) -> str:
+    if not point:
+        return method
+    return method + "_" + "_".join(f"{k.split('.')[-1]}{v}" for k, v in point.items())
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return float("nan"), float("nan")
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def compare(config: ml_collections.ConfigDict, workdir: str, seeds: Iterable[int] = (0,),
+            sweep: dict[str, Sequence] | None = None, progress: bool = True) -> list[dict]:
+    """Runs teacher, baseline and distilled students; returns one row per configuration."""
+    seeds = list(seeds)
+    workdir = os.path.abspath(workdir)
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.train.progress = progress
+    runs: dict[str, list[dict]] = {}
+
+    teacher_dir = os.path.join(workdir, "teacher")
+    _announce("teacher", config.teacher.name)
+    runs["teacher"] = [train_and_evaluate(teacher_config(config), teacher_dir)]
+    for seed in seeds:
+        _announce(f"baseline seed {seed}", config.model.name)
+        runs.setdefault("baseline", []).append(
+            train_and_evaluate(baseline_config(config, seed), os.path.join(workdir, "baseline", f"seed{seed}")))
+    for point in sweep_points(sweep or {}):
+        name = _point_name(config.method.name, point)
+        for seed in seeds:
+            _announce(f"{name} seed {seed}", config.model.name)
+            runs.setdefault(name, []).append(train_and_evaluate(
+                distill_config(config, seed, teacher_dir, point), os.path.join(workdir, name, f"seed{seed}")))
+
+    rows = []
+    for name, summaries in runs.items():
+        best_m, best_s = _mean_std([s["best_accuracy"] for s in summaries])
+        last_m, last_s = _mean_std([s["last_accuracy"] for s in summaries])
+        rows.append({"run": name, "model": summaries[0]["model"], "seeds": len(summaries),
+                     "best_mean": best_m, "best_std": best_s, "last_mean": last_m, "last_std": last_s,
+                     "summaries": summaries})
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump(rows, f, indent=2)
+    table = format_table(rows, config)
+    with open(os.path.join(workdir, "results.md"), "w") as f:
+        f.write(table + "\n")
+    plot_curves(workdir, list(runs))
+    return rows
+
+
+def format_table(rows: list[dict], config=None) -> str:
+    head = ""
+    if config is not None:
+        n = config.data.num_train_examples or "all"
+        head = (f"data: {config.data.name} (train examples: {n}), teacher {config.teacher.name}, "
+                f"student {config.model.name}, {config.train.num_epochs} epochs\n\n")
+    lines = ["| run | model | seeds | best acc % (mean ± std) | last acc % (mean ± std) |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['run']} | {r['model']} | {r['seeds']} | {100 * r['best_mean']:.2f} ± "
+                     f"{100 * r['best_std']:.2f} | {100 * r['last_mean']:.2f} ± {100 * r['last_std']:.2f} |")
+    return head + "\n".join(lines)
+
+
+def plot_curves(workdir: str, names: list[str]) -> str | None:
+    """Eval-accuracy learning curves of every run (mean over seeds) into ``curves.png``."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in names:
+        base = os.path.join(workdir, name)
+        dirs = [base] if name == "teacher" else [os.path.join(base, d) for d in sorted(os.listdir(base))]
+        curves = []
+        for d in dirs:
+            path = os.path.join(d, "metrics.jsonl")
+            if os.path.exists(path):
+                with open(path) as f:
+                    recs = [json.loads(ln) for ln in f if ln.strip()]
+                curves.append([(r["epoch"], r["eval/accuracy"]) for r in recs if "eval/accuracy" in r])
+        if not curves:
+            continue
+        n = min(len(c) for c in curves)
+        epochs = [curves[0][i][0] for i in range(n)]
+        mean = [statistics.fmean(c[i][1] for c in curves) for i in range(n)]
+        ax.plot(epochs, [100 * m for m in mean], label=f"{name} (n={len(curves)})",
+                linestyle="--" if name == "teacher" else "-")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("eval accuracy %")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    out = os.path.join(workdir, "curves.png")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _announce(what: str, model: str) -> None:
+    print(f"== {what}: {model}", flush=True)

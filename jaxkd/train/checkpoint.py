@@ -1,0 +1,150 @@
+"""Orbax checkpoints of a run, and loading a teacher from another run's work dir.
+
+Layout of a work dir::
+
+    WORKDIR/checkpoints/<step>/{state,data,meta}   keep-N latest (for resume)
+    WORKDIR/best/<step>/{model,meta}                 the best eval accuracy (for teachers, export)
+
+``state`` is the whole :class:`~jaxkd.train.step.TrainState` (params incl. auxiliary
+modules, batch stats, optimizer state, step, RNG); ``data`` the input iterator's position;
+``meta`` the epoch, the metric history and the config. Teachers are never written here.
+
+Restores go newest-to-oldest: Orbax ignores a leftover temporary save, but a damaged
+finalised step is still listed, so a step that fails to restore is reported and skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint, or a checkpoint that does not fit the model."""
+
+
+def run_manager(workdir: str, keep: int = 3) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
+        os.path.join(os.path.abspath(workdir), "checkpoints"),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+        item_names=("state", "data", "meta"))
+
+
+def best_manager(workdir: str) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
+        os.path.join(os.path.abspath(workdir), "best"),
+        options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True, best_fn=lambda m: m["accuracy"],
+                                             best_mode="max"),
+        item_names=("model", "meta"))
+
+
+def save_run(manager: ocp.CheckpointManager, step: int, state, data_state: dict, meta: dict) -> None:
+    manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+        meta=ocp.args.JsonSave(meta)), force=True)
+
+
+def save_best(manager: ocp.CheckpointManager, step: int, model: dict, meta: dict, accuracy: float) -> None:
+    manager.save(step, args=ocp.args.Composite(model=ocp.args.StandardSave(model),
+                                               meta=ocp.args.JsonSave(meta)),
+                 metrics={"accuracy": float(accuracy)}, force=True)
+
+
+def restore_latest(manager: ocp.CheckpointManager, state_template) -> tuple[int, Any, dict, dict] | None:
+    """Restores the newest usable checkpoint: ``(step, state, data_state, meta)`` or ``None``.
+
+    A damaged step is reported (warning naming the step) and the next older one is tried;
+    if steps exist but none restores, raises :class:`CheckpointError`.
+    """
+    manager.reload()
+    steps = sorted(manager.all_steps(), reverse=True)
+    failures = []
+    for step in steps:
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(state_template), data=ocp.args.JsonRestore(),
+                meta=ocp.args.JsonRestore()))
+        except Exception as e:  # noqa: BLE001 - any failure means "this step is unusable"
+            msg = f"checkpoint step {step} in {manager.directory} is unusable ({type(e).__name__}: {e}); "
+            msg += "trying an older one" if step != steps[-1] else "no older checkpoint left"
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+            failures.append((step, e))
+            continue
+        return step, restored.state, restored.data, restored.meta
+    if failures:
+        raise CheckpointError(
+            f"none of the checkpoints in {manager.directory} could be restored "
+            f"(steps {[s for s, _ in failures]}); first error: {failures[0][1]}. "
+            "Move the directory away to start from scratch.")
+    return None
+
+
+def _paths(tree) -> dict[str, Any]:
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {jax.tree_util.keystr(p): v for p, v in flat}
+
+
+def check_tree_fits(expected, loaded, what: str) -> None:
+    """Raises :class:`CheckpointError` naming the first path whose presence or shape differs."""
+    exp, got = _paths(expected), _paths(loaded)
+    for path in sorted(set(exp) | set(got)):
+        if path not in got:
+            raise CheckpointError(f"{what}: checkpoint lacks {path} (expected shape {np.shape(exp[path])})")
+        if path not in exp:
+            raise CheckpointError(f"{what}: checkpoint has {path} that the model does not have")
+        if np.shape(exp[path]) != np.shape(got[path]):
+            raise CheckpointError(f"{what}: {path} has shape {np.shape(got[path])} in the checkpoint, "
+                                  f"the model expects {np.shape(exp[path])}")
+
+
+def load_model_variables(workdir: str, template_variables: dict, which: str = "best",
+                         what: str = "teacher") -> tuple[dict, dict]:
+    """Loads ``{"params": ..., **model_state}`` of the student trained in ``workdir``.
+
+    ``which`` is ``"best"`` (best eval accuracy) or ``"last"`` (latest run checkpoint).
+    The loaded tree is checked against ``template_variables`` (from the model's init); a
+    mismatch raises :class:`CheckpointError` naming the first differing path.
+    Returns ``(variables, meta)``.
+    """
+    if which not in ("best", "last"):
+        raise ValueError(f"checkpoint choice must be 'best' or 'last'; got {which!r}")
+    if not os.path.isdir(workdir):
+        raise CheckpointError(f"{what} work dir {workdir!r} does not exist; train the {what} first "
+                              f"(jaxkd train --config ... --workdir {workdir})")
+    loaded = None
+    if which == "best" and os.path.isdir(os.path.join(workdir, "best")):
+        mgr = best_manager(workdir)
+        for step in sorted(mgr.all_steps(), reverse=True):
+            try:
+                r = mgr.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(),
+                                                              meta=ocp.args.JsonRestore()))
+                loaded, meta = r.model, r.meta
+                break
+            except Exception as e:  # noqa: BLE001
+                warnings.warn(f"best checkpoint step {step} of {what} is unusable: {e}", RuntimeWarning)
+    if loaded is None and os.path.isdir(os.path.join(workdir, "checkpoints")):
+        mgr = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                                    item_names=("state", "data", "meta"))
+        for step in sorted(mgr.all_steps(), reverse=True):
+            try:
+                r = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                              meta=ocp.args.JsonRestore()))
+                loaded = {"params": r.state["params"]["student"], "model_state": r.state["model_state"]}
+                meta = r.meta
+                break
+            except Exception as e:  # noqa: BLE001
+                warnings.warn(f"checkpoint step {step} of {what} is unusable: {e}", RuntimeWarning)
+    if loaded is None:
+        raise CheckpointError(f"no usable checkpoint of the {what} in {workdir!r}")
+    variables = {"params": loaded["params"], **(loaded.get("model_state") or {})}
+    check_tree_fits(template_variables, variables, f"{what} checkpoint {workdir!r} does not fit the {what} model")
+    variables = jax.tree.map(lambda t, v: np.asarray(v, dtype=np.asarray(t).dtype), template_variables, variables)
+    return variables, meta

@@ -1,0 +1,349 @@
+"""The one generic train loop: ``train_and_evaluate(config, workdir)``.
+
+Every method runs through here; what differs is the recipe (``config.method``). The loop
+builds the data pipeline, the student (and frozen teacher), the jitted step, then runs
+``num_epochs`` epochs with a bounded number of steps in flight, evaluates, logs (progress
+bar, ``metrics.jsonl``, TensorBoard) and checkpoints. Started again in the same work dir,
+it resumes from the newest usable checkpoint and ends with the same params as a run that
+was never interrupted.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import fcntl
+import json
+import logging
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxkd import config as config_lib
+from jaxkd import data as data_lib
+from jaxkd import models as models_lib
+from jaxkd.train import checkpoint as ckpt_lib
+from jaxkd.train import optim as optim_lib
+from jaxkd.train import recipes as recipes_lib
+from jaxkd.train import step as step_lib
+
+log = logging.getLogger(__name__)
+
+# Keys whose change between a kill and a resume makes the resumed run a different run.
+RESUME_KEYS = ("seed", "data.name", "data.batch_size", "data.num_train_examples", "model.name", "model.kwargs",
+               "method.name", "teacher.name", "optim.name", "train.num_epochs")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue (non-finite loss, locked work dir, config changed on resume)."""
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+    """Exclusive lock on a work dir, so that two runs never write into the same one."""
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, ".lock")
+    fh = open(path, "w")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        raise TrainingError(f"work dir {workdir!r} is in use by another jaxkd run (lock {path}); "
+                            "wait for it to finish or use another --workdir") from None
+    try:
+        fh.write(str(os.getpid()))
+        fh.flush()
+        yield
+    finally:
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        fh.close()
+
+
+def _get(cfg: dict, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def config_differences(old: dict, new: dict, keys=RESUME_KEYS) -> list[str]:
+    return [f"{k}: {_get(old, k)!r} -> {_get(new, k)!r}" for k in keys if _get(old, k) != _get(new, k)]
+
+
+class MetricLogger:
+    """Writes per-epoch metrics to ``metrics.jsonl`` and TensorBoard event files."""
+
+    def __init__(self, workdir: str, tensorboard: bool = True):
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.tb = None
+        if tensorboard and jax.process_index() == 0:
+            try:
+                from tensorboardX import SummaryWriter
+                self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            except ImportError:  # optional
+                self.tb = None
+
+    def write(self, record: dict) -> None:
+        if jax.process_index() != 0:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if k not in ("epoch", "step") and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, record["step"])
+            self.tb.flush()
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _truncate_jsonl(path: str, last_step: int) -> None:
+    """Drops records written after the checkpoint we resume from (they will be redone)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= last_step]
+    with open(path, "w") as f:
+        f.writelines(lines)
+
+
+def build_models(cfg: ml_collections.ConfigDict, num_classes: int):
+    student = models_lib.create_model(cfg.model.name, num_classes, **dict(cfg.model.kwargs))
+    teacher = None
+    if recipes_lib.build_recipe(config_lib.method_options(cfg.method)).uses_teacher:
+        teacher = models_lib.create_model(cfg.teacher.name, num_classes, **dict(cfg.teacher.kwargs))
+    return student, teacher
+
+
+def load_teacher(cfg, teacher: models_lib.ModelFns, sample_input):
+    if not cfg.teacher.workdir:
+        raise config_lib.ConfigError("config.teacher.workdir must name the work dir of a trained teacher "
+                                     f"for method {cfg.method.name!r}")
+    template = teacher.init(jax.random.PRNGKey(0), sample_input)
+    variables, meta = ckpt_lib.load_model_variables(cfg.teacher.workdir, template, cfg.teacher.checkpoint)
+    return variables, meta
+
+
+def evaluate(eval_step, variables, source, batch_size: int, mesh) -> dict:
+    """Accuracy and mean CE over the whole eval source (padded last batch masked)."""
+    sums = collections.defaultdict(float)
+    shard_index, shard_count = jax.process_index(), jax.process_count()
+    for batch in data_lib.eval_batches(source, batch_size, shard_index=shard_index, shard_count=shard_count):
+        batch = {k: batch[k] for k in ("image", "label", "mask")}
+        out = jax.device_get(eval_step(variables, step_lib.shard_batch(batch, mesh)))
+        for k, v in out.items():
+            sums[k] += float(v)
+    n = max(sums["count"], 1.0)
+    return {"accuracy": sums["correct"] / n, "loss": sums["loss_sum"] / n, "count": int(sums["count"])}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False,
+                       stop_after_steps: int | None = None) -> dict:
+    """Trains ``config.model`` with ``config.method`` in ``workdir`` (resuming if possible).
+
+    Returns the summary (also written to ``WORKDIR/summary.json``): best and last eval
+    accuracy, the teacher's accuracy, steps, throughput. ``stop_after_steps`` ends the run
+    early (after a checkpoint), as if it had been killed; used by tests.
+    """
+    config = ml_collections.ConfigDict(config.to_dict())
+    mesh = step_lib.make_mesh(config.train.num_devices)
+    config_lib.validate(config, num_devices=mesh.size)
+    workdir = os.path.abspath(workdir)
+    with workdir_lock(workdir):
+        return _train(config, workdir, mesh, allow_config_change, stop_after_steps)
+
+
+def _train(config, workdir, mesh, allow_config_change, stop_after_steps):
+    cfg_dict = config.to_dict()
+    d = config.data
+    info, train_src, eval_src = data_lib.load_dataset(
+        d.name, data_dir=d.data_dir, train_split=d.train_split, eval_split=d.eval_split,
+        num_train_examples=d.num_train_examples, subset_seed=d.subset_seed,
+        builder_kwargs=dict(d.builder_kwargs), download=d.download)
+    aug = dict(data_lib.default_augmentation(info.name)) if d.augment is None else dict(d.augment)
+    pipeline = step_lib.InputPipeline(mean=tuple(info.mean), std=tuple(info.std), pad=int(aug.get("pad", 0)),
+                                      flip=bool(aug.get("flip", False)))
+    steps_per_epoch = data_lib.steps_per_epoch(len(train_src), d.batch_size)
+    if steps_per_epoch < 1:
+        raise config_lib.ConfigError(f"config.data.batch_size={d.batch_size} is larger than the training set "
+                                     f"({len(train_src)} examples)")
+    num_epochs = config.train.num_epochs
+    total_steps = steps_per_epoch * num_epochs
+
+    recipe = recipes_lib.build_recipe(config_lib.method_options(config.method))
+    student, teacher = build_models(config, info.num_classes)
+    sample = jnp.zeros((1, *info.input_shape), jnp.float32)
+    teacher_vars, teacher_meta = None, None
+    if recipe.uses_teacher:
+        teacher_vars, teacher_meta = load_teacher(config, teacher, sample)
+        teacher_vars = jax.device_put(teacher_vars, step_lib.replicated(mesh))
+    tx, lr_schedule = optim_lib.make_optimizer(config.optim.to_dict(), steps_per_epoch, num_epochs)
+    if recipe.trainable is not None:
+        import optax
+        tx = optax.multi_transform({True: tx, False: optax.set_to_zero()}, recipe.trainable)
+
+    state = step_lib.create_train_state(jax.random.PRNGKey(config.seed), student, recipe, tx, sample,
+                                        teacher=teacher, teacher_variables=teacher_vars)
+    state = jax.device_put(state, step_lib.replicated(mesh))
+
+    shard_index, shard_count = jax.process_index(), jax.process_count()
+    train_iter = data_lib.train_batches(train_src, d.batch_size, seed=config.seed, shard_index=shard_index,
+                                        shard_count=shard_count)
+    run_mgr = ckpt_lib.run_manager(workdir, config.train.keep_checkpoints)
+    best_mgr = ckpt_lib.best_manager(workdir)
+    logger = MetricLogger(workdir, config.train.tensorboard)
+
+    meta = {"history": [], "best_accuracy": None, "best_epoch": None, "epoch_sums": {}, "epoch_count": 0,
+            "config": cfg_dict, "train_time_s": 0.0, "images": 0}
+    restored = ckpt_lib.restore_latest(run_mgr, state)
+    if restored is not None:
+        start_step, state, data_state, meta = restored
+        diffs = config_differences(meta["config"], cfg_dict)
+        if diffs and not allow_config_change:
+            raise TrainingError("the config differs from the one the checkpoints in "
+                                f"{workdir!r} were made with: " + "; ".join(diffs) +
+                                ". Use another --workdir, or pass --allow-config-change to resume anyway.")
+        train_iter.set_state(data_state)
+        _truncate_jsonl(logger.path, start_step)
+        log.info("resumed from step %d in %s", start_step, workdir)
+    else:
+        start_step = 0
+    if start_step >= total_steps:
+        summary = _summary(meta, config, teacher_meta, total_steps)
+        logger.close()
+        return summary
+
+    train_step = step_lib.make_train_step(student, recipe, tx, pipeline, teacher=teacher, mesh=mesh,
+                                          lr_schedule=lr_schedule)
+    eval_step = step_lib.make_eval_step(student, pipeline, mesh=mesh)
+
+    def checkpoint(step_now: int):
+        save_meta = dict(meta)
+        ckpt_lib.save_run(run_mgr, step_now, state, train_iter.get_state(), save_meta)
+
+    progress = _progress(config, steps_per_epoch)
+    inflight: collections.deque = collections.deque()
+    epoch_sums = collections.defaultdict(float, meta.get("epoch_sums", {}))
+    epoch_count = int(meta.get("epoch_count", 0))
+    last_saved = start_step
+    t_start, images_done = time.perf_counter(), 0
+
+    def drain(limit: int):
+        nonlocal epoch_count
+        while len(inflight) > limit:
+            s, m = inflight.popleft()
+            m = jax.device_get(m)
+            if not math.isfinite(float(m["loss"])):
+                raise TrainingError(
+                    f"non-finite loss ({float(m['loss'])}) at step {s}; last good checkpoint: step "
+                    f"{run_mgr.latest_step()} in {run_mgr.directory}. Lower optim.lr or check the data.")
+            for k, v in m.items():
+                epoch_sums[k] += float(v)
+            epoch_count += 1
+            if progress is not None:
+                progress.update(1)
+                if s % max(1, config.train.log_every_steps // 5) == 0:
+                    progress.set_postfix(loss=f"{float(m['loss']):.4f}", acc=f"{float(m['accuracy']):.3f}")
+
+    step = start_step
+    try:
+        if progress is not None:
+            progress.reset(total=steps_per_epoch)
+            progress.update(step % steps_per_epoch)
+            progress.set_description(f"epoch {step // steps_per_epoch + 1}/{num_epochs}")
+        while step < total_steps:
+            batch = next(train_iter)
+            batch = step_lib.shard_batch({"image": batch["image"], "label": batch["label"]}, mesh)
+            state, metrics = train_step(state, teacher_vars, batch)
+            step += 1
+            images_done += d.batch_size
+            inflight.append((step, metrics))
+            drain(config.train.max_inflight_steps - 1)
+            epoch_end = step % steps_per_epoch == 0
+            if epoch_end or (config.train.checkpoint_every_steps and step % config.train.checkpoint_every_steps == 0):
+                drain(0)
+            if epoch_end:
+                epoch = step // steps_per_epoch
+                record = {"epoch": epoch, "step": step}
+                record.update({f"train/{k}": v / max(epoch_count, 1) for k, v in epoch_sums.items()})
+                epoch_sums.clear()
+                epoch_count = 0
+                do_eval = epoch % config.train.eval_every_epochs == 0 or step == total_steps
+                if do_eval:
+                    ev = evaluate(eval_step, {"params": state.params["student"], **state.model_state}, eval_src,
+                                  d.eval_batch_size, mesh)
+                    record.update({"eval/accuracy": ev["accuracy"], "eval/loss": ev["loss"]})
+                elapsed = meta["train_time_s"] + time.perf_counter() - t_start
+                record["time_s"] = elapsed
+                logger.write(record)
+                meta["history"].append(record)
+                if do_eval and (meta["best_accuracy"] is None or ev["accuracy"] > meta["best_accuracy"]):
+                    meta["best_accuracy"], meta["best_epoch"] = ev["accuracy"], epoch
+                    ckpt_lib.save_best(best_mgr, step, {"params": state.params["student"],
+                                                        "model_state": state.model_state},
+                                       {"epoch": epoch, "accuracy": ev["accuracy"], "config": cfg_dict},
+                                       ev["accuracy"])
+                if progress is not None:
+                    progress.write(_format_record(record))
+                    if step < total_steps:
+                        progress.reset(total=steps_per_epoch)
+                        progress.set_description(f"epoch {epoch + 1}/{num_epochs}")
+            if epoch_end or (config.train.checkpoint_every_steps and step % config.train.checkpoint_every_steps == 0):
+                meta["epoch_sums"], meta["epoch_count"] = dict(epoch_sums), epoch_count
+                meta["train_time_s"] += time.perf_counter() - t_start
+                meta["images"] += images_done
+                t_start, images_done = time.perf_counter(), 0
+                checkpoint(step)
+                last_saved = step
+                if stop_after_steps is not None and step >= stop_after_steps:
+                    break
+        drain(0)
+    finally:
+        if progress is not None:
+            progress.close()
+        run_mgr.wait_until_finished()
+        best_mgr.wait_until_finished()
+        logger.close()
+    del last_saved
+    summary = _summary(meta, config, teacher_meta, step)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    return summary
+
+
+def _summary(meta: dict, config, teacher_meta, step: int) -> dict:
+    evals = [r for r in meta["history"] if "eval/accuracy" in r]
+    last = evals[-1] if evals else {}
+    return {
+        "method": config.method.name, "model": config.model.name, "dataset": config.data.name,
+        "seed": config.seed, "steps": step, "epochs": (meta["history"][-1]["epoch"] if meta["history"] else 0),
+        "best_accuracy": meta["best_accuracy"], "best_epoch": meta["best_epoch"],
+        "last_accuracy": last.get("eval/accuracy"),
+        "teacher_accuracy": (teacher_meta or {}).get("accuracy"),
+        "train_time_s": meta["train_time_s"],
+        "images_per_s": meta["images"] / meta["train_time_s"] if meta["train_time_s"] else None,
+    }
+
+
+def _format_record(r: dict) -> str:
+    parts = [f"epoch {r['epoch']:>3}"]
+    for k in ("train/loss", "train/accuracy", "eval/loss", "eval/accuracy"):
+        if k in r:
+            parts.append(f"{k} {r[k]:.4f}")
+    return "  ".join(parts)
+
+
+def _progress(config, steps_per_epoch: int):
+    if not config.train.progress or jax.process_index() != 0:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=steps_per_epoch, unit="step", dynamic_ncols=True, leave=False)

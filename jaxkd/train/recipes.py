@@ -1,0 +1,150 @@
+"""Recipes: what a distillation method adds to the one generic train step.
+
+A :class:`Recipe` names the loss (a pure function of the student's and the teacher's
+outputs), whether a teacher is needed, optional auxiliary trainable modules (a FitNets
+regressor, a discriminator, ...) and which parameter groups train. The train step in
+:mod:`jaxkd.train.step` is the same for every recipe.
+
+Weights such as Hinton's ``alpha`` and ``gamma`` may be constants or schedules
+(see :func:`make_weight_schedule`), evaluated at the global step inside jit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import chex
+import jax.numpy as jnp
+import optax
+
+from jaxkd import losses
+
+Array = chex.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class LossInputs:
+    """Everything a recipe loss may read; built inside the jitted step.
+
+    ``teacher_logits`` / ``teacher_features`` are ``None`` for recipes without a teacher.
+    ``aux_params`` holds the recipe's own trainable params (empty dict if none).
+    """
+
+    student_logits: Array
+    student_features: Mapping[str, Array]
+    teacher_logits: Array | None
+    teacher_features: Mapping[str, Array] | None
+    labels: Array
+    step: Array
+    aux_params: Any
+    rng: Array
+
+
+# loss(inputs) -> (per-example total loss [B], {name: per-example component [B]})
+LossFn = Callable[[LossInputs], tuple[Array, dict[str, Array]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """A distillation method as data: the generic loop runs it.
+
+    Attributes:
+      name: method name (``config.method.name``).
+      loss: pure per-example loss, see :data:`LossFn`.
+      uses_teacher: run the (frozen) teacher inside the step.
+      init_aux: ``init_aux(rng, student_features, teacher_features) -> params`` for
+        auxiliary trainable modules; ``None`` if the method has none.
+      trainable: ``trainable(params) -> bool pytree`` selecting the params that train
+        (others get a zero update: bit-for-bit frozen); ``None`` trains all.
+    """
+
+    name: str
+    loss: LossFn
+    uses_teacher: bool = False
+    init_aux: Callable[..., Any] | None = None
+    trainable: Callable[[Any], Any] | None = None
+
+
+def make_weight_schedule(spec: Any) -> Callable[[Array], Array]:
+    """A loss weight as a function of the global step.
+
+    ``spec`` is a number (constant) or a mapping with ``type`` in
+    ``{"constant", "linear", "cosine", "piecewise"}``:
+
+    * ``{"type": "linear", "init": a, "end": b, "steps": n}``: linear from a to b over n steps.
+    * ``{"type": "cosine", "init": a, "end": b, "steps": n}``: cosine decay from a to b.
+    * ``{"type": "piecewise", "init": a, "boundaries": [s1, ...], "scales": [k1, ...]}``.
+    """
+    if isinstance(spec, (int, float)):
+        value = float(spec)
+        return lambda step: jnp.asarray(value, jnp.float32)
+    spec = dict(spec)
+    kind = spec.get("type", "constant")
+    if kind == "constant":
+        return make_weight_schedule(float(spec["value"]))
+    if kind == "linear":
+        return optax.linear_schedule(spec["init"], spec["end"], int(spec["steps"]))
+    if kind == "cosine":
+        init, end = float(spec["init"]), float(spec["end"])
+        alpha = end / init if init else 0.0
+        return optax.cosine_decay_schedule(init, int(spec["steps"]), alpha=alpha)
+    if kind == "piecewise":
+        return optax.piecewise_constant_schedule(
+            spec["init"], dict(zip(map(int, spec["boundaries"]), map(float, spec["scales"]))))
+    raise ValueError(f"unknown weight schedule type {kind!r}; expected constant, linear, cosine or piecewise")
+
+
+def cross_entropy_recipe(label_smoothing: float = 0.0) -> Recipe:
+    """Plain supervised training (teachers, baselines)."""
+
+    def loss(inp: LossInputs):
+        ce = losses.cross_entropy(inp.student_logits, inp.labels, label_smoothing)
+        return ce, {"ce": ce}
+
+    return Recipe(name="ce", loss=loss)
+
+
+def hinton_kd_recipe(temperature: float = 4.0, alpha: Any = 0.9, gamma: Any = 0.1,
+                     mode: str = "kl") -> Recipe:
+    """``gamma * CE(y, s) + alpha * hinton_kd(s, t; T, mode)``.
+
+    RepDistiller's CIFAR runs use gamma=0.1, alpha=0.9, T=4 (the defaults). Hinton's
+    ``(1 - alpha) * CE + alpha * KD`` form is gamma = 1 - alpha. ``alpha``/``gamma`` may
+    be schedules (:func:`make_weight_schedule`).
+    """
+    if mode not in losses.KD_MODES:
+        raise ValueError(f"unknown hinton_kd mode {mode!r}; expected one of {losses.KD_MODES}")
+    alpha_fn, gamma_fn = make_weight_schedule(alpha), make_weight_schedule(gamma)
+
+    def loss(inp: LossInputs):
+        ce = losses.cross_entropy(inp.student_logits, inp.labels)
+        kd = losses.hinton_kd(inp.student_logits, inp.teacher_logits, temperature, mode)
+        total = gamma_fn(inp.step) * ce + alpha_fn(inp.step) * kd
+        return total, {"ce": ce, "kd": kd}
+
+    return Recipe(name="hinton_kd", loss=loss, uses_teacher=True)
+
+
+RECIPES: dict[str, Callable[..., Recipe]] = {
+    "ce": cross_entropy_recipe,
+    "hinton_kd": hinton_kd_recipe,
+}
+
+
+def build_recipe(method: Mapping[str, Any]) -> Recipe:
+    """Builds a recipe from ``config.method`` (``name`` plus that recipe's keyword options)."""
+    method = dict(method)
+    name = method.pop("name", None)
+    if name not in RECIPES:
+        import difflib
+        close = difflib.get_close_matches(str(name), RECIPES, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown method {name!r}; available: {sorted(RECIPES)}.{hint}")
+    factory = RECIPES[name]
+    import inspect
+    accepted = set(inspect.signature(factory).parameters)
+    unknown = sorted(set(method) - accepted)
+    if unknown:
+        raise ValueError(f"method {name!r} does not take option(s) {unknown}; it takes {sorted(accepted)}")
+    return factory(**method)

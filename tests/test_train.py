@@ -1,0 +1,166 @@
+"""The generic loop end to end: resume equivalence, sharding equivalence, errors, teacher > student."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from jaxkd import config as config_lib
+from jaxkd.experiment import teacher_config
+from jaxkd.train import checkpoint as ckpt_lib
+from jaxkd.train.loop import TrainingError, train_and_evaluate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def small_config(**over):
+    c = config_lib.load_config(os.path.join(ROOT, "experiments/configs/digits.py"))
+    c.train.num_epochs = 2
+    c.train.progress = False
+    c.train.tensorboard = False
+    c.data.batch_size = 64
+    return config_lib.apply_overrides(c, [f"{k}={v!r}" for k, v in over.items()])
+
+
+def _student_params(workdir):
+    from orbax import checkpoint as ocp
+    mgr = ckpt_lib.run_manager(workdir)
+    r = mgr.restore(mgr.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    return jax.tree.map(np.asarray, r.state)
+
+
+@pytest.fixture(scope="module")
+def trained_teacher(tmp_path_factory, data_dir):
+    wd = str(tmp_path_factory.mktemp("teacher"))
+    cfg = teacher_config(small_config(**{"train.num_epochs": 3}))
+    summary = train_and_evaluate(cfg, wd)
+    return wd, summary
+
+
+def test_resume_equals_uninterrupted(tmp_path, trained_teacher):
+    teacher_wd, _ = trained_teacher
+    over = {"teacher.workdir": teacher_wd, "train.checkpoint_every_steps": 7}
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    full = train_and_evaluate(small_config(**over), a)
+    # b: "killed" after step 14 (mid-epoch 1), then resumed with the same config
+    partial = train_and_evaluate(small_config(**over), b, stop_after_steps=14)
+    assert partial["steps"] == 14
+    resumed = train_and_evaluate(small_config(**over), b)
+    pa, pb = _student_params(a), _student_params(b)
+    jax.tree.map(np.testing.assert_array_equal, pa, pb)
+    assert full["last_accuracy"] == resumed["last_accuracy"]
+    ha = [json.loads(ln) for ln in open(os.path.join(a, "metrics.jsonl"))]
+    hb = [json.loads(ln) for ln in open(os.path.join(b, "metrics.jsonl"))]
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "time_s"} for r in rs]  # noqa: E731
+    assert strip(ha) == strip(hb)
+
+
+def test_teacher_not_in_student_checkpoint(tmp_path, trained_teacher):
+    teacher_wd, _ = trained_teacher
+    wd = str(tmp_path / "kd")
+    train_and_evaluate(small_config(**{"teacher.workdir": teacher_wd, "train.num_epochs": 1}), wd)
+    state = _student_params(wd)
+    assert set(state["params"]) == {"student", "aux"}
+    n_student = sum(x.size for x in jax.tree.leaves(state["params"]))
+    from jaxkd import models
+    t = models.create_model("cnn", 10, width=32)
+    n_teacher = sum(x.size for x in jax.tree.leaves(t.init(jax.random.PRNGKey(0), np.zeros((1, 8, 8, 1)))["params"]))
+    assert n_student < n_teacher  # the (bigger) teacher is not stored
+
+
+def test_teacher_mismatch_names_path(tmp_path, trained_teacher):
+    teacher_wd, _ = trained_teacher
+    cfg = small_config(**{"teacher.workdir": teacher_wd, "teacher.kwargs": {"width": 16}})
+    with pytest.raises(ckpt_lib.CheckpointError, match=r"shape .* the model expects"):
+        train_and_evaluate(cfg, str(tmp_path / "x"))
+    cfg = small_config(**{"teacher.workdir": teacher_wd, "teacher.name": "mlp"})
+    with pytest.raises(ckpt_lib.CheckpointError, match="does not fit the teacher model"):
+        train_and_evaluate(cfg, str(tmp_path / "y"))
+
+
+def test_config_change_on_resume_refused(tmp_path, trained_teacher):
+    teacher_wd, _ = trained_teacher
+    wd = str(tmp_path / "r")
+    train_and_evaluate(small_config(**{"teacher.workdir": teacher_wd}), wd, stop_after_steps=22)
+    with pytest.raises(TrainingError, match=r"data.batch_size: 64 -> 32"):
+        train_and_evaluate(small_config(**{"teacher.workdir": teacher_wd, "data.batch_size": 32}), wd)
+
+
+def test_bad_config_values():
+    with pytest.raises(config_lib.ConfigError, match="optim.lr"):
+        config_lib.validate(small_config(**{"optim.lr": -1.0}))
+    with pytest.raises(config_lib.ConfigError, match="unknown model 'resnet33'.*did you mean"):
+        config_lib.validate(small_config(**{"model.name": "resnet33"}))
+    with pytest.raises(config_lib.ConfigError, match="method.name"):
+        config_lib.validate(small_config(**{"method.name": "hinton"}))
+    with pytest.raises(config_lib.ConfigError, match="unknown config key 'optim.learning_rate'"):
+        small_config(**{"optim.learning_rate": 0.1})
+    with pytest.raises(config_lib.ConfigError, match="divisible by the number of devices"):
+        config_lib.validate(small_config(**{"data.batch_size": 30}), num_devices=8)
+    with pytest.raises(config_lib.ConfigError, match="teacher.workdir"):
+        train_and_evaluate(small_config(), "/tmp/jaxkd_never_used")
+
+
+def test_teacher_beats_baseline_and_kd_runs(tmp_path, trained_teacher, data_dir):
+    """End to end on digits: the CNN teacher beats the MLP baseline trained the same way."""
+    teacher_wd, t_sum = trained_teacher
+    base = train_and_evaluate(small_config(**{"method.name": "ce", "train.num_epochs": 3}), str(tmp_path / "b"))
+    assert t_sum["best_accuracy"] > 0.9
+    assert t_sum["best_accuracy"] > base["best_accuracy"]
+    kd = train_and_evaluate(small_config(**{"teacher.workdir": teacher_wd, "train.num_epochs": 3,
+                                            "train.tensorboard": True}),
+                            str(tmp_path / "k"))
+    assert kd["teacher_accuracy"] == pytest.approx(t_sum["best_accuracy"])
+    assert kd["best_accuracy"] > 0.5
+    for name in ("metrics.jsonl", "summary.json"):
+        assert os.path.exists(os.path.join(tmp_path, "k", name))
+    events = os.listdir(os.path.join(tmp_path, "k", "tensorboard"))
+    assert any(e.startswith("events.out.tfevents") for e in events)
+
+
+SHARDED_SCRIPT = textwrap.dedent("""
+    import os, sys, json
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    import jax, jax.numpy as jnp, numpy as np, optax
+    from jaxkd import models
+    from jaxkd.train import InputPipeline, create_train_state, make_train_step, make_mesh, recipes, shard_batch
+    assert jax.device_count() == 8, jax.devices()
+    student, teacher = models.create_model("cnn", 10, width=8), models.create_model("cnn", 10, width=16)
+    sample = jnp.zeros((1, 8, 8, 1))
+    t_vars = teacher.init(jax.random.PRNGKey(1), sample)
+    recipe = recipes.hinton_kd_recipe()
+    tx = optax.sgd(0.05, momentum=0.9)
+    rng = np.random.default_rng(0)
+    batches = [{"image": rng.integers(0, 255, (32, 8, 8, 1), dtype=np.uint8),
+                "label": rng.integers(0, 10, 32).astype(np.int32)} for _ in range(6)]
+    out = {}
+    for n in (1, 8):
+        mesh = make_mesh(n)
+        state = jax.device_put(create_train_state(jax.random.PRNGKey(0), student, recipe, tx, sample),
+                               jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+        step = make_train_step(student, recipe, tx, InputPipeline((0.5,), (0.25,), pad=1, flip=True),
+                               teacher=teacher, mesh=mesh)
+        losses = []
+        for b in batches:
+            state, m = step(state, t_vars, shard_batch(b, mesh))
+            losses.append(float(m["loss"]))  # block every step (XLA:CPU collectives)
+        out[n] = {"losses": losses, "params": [np.asarray(x).ravel().tolist()[:50] for x in jax.tree.leaves(state.params)],
+                  "bn": [np.asarray(x).ravel().tolist() for x in jax.tree.leaves(state.model_state)]}
+    print("RESULT" + json.dumps(out))
+""")
+
+
+def test_one_vs_eight_devices_same_numbers():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    proc = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], capture_output=True, text=True, timeout=300,
+                          env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.split("RESULT", 1)[1])
+    np.testing.assert_allclose(out["1"]["losses"], out["8"]["losses"], rtol=1e-5, atol=1e-6)
+    for a, b in zip(out["1"]["params"] + out["1"]["bn"], out["8"]["params"] + out["8"]["bn"]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
