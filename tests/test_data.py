@@ -221,6 +221,18 @@ def test_catalog_missing_dataset(tmp_path):
         load_dataset("imagenet2012", data_dir=str(tmp_path))
 
 
+def test_catalog_path_reads_prepared_array_record_and_explains_bad_splits(digits):
+    # The catalog code path on real (not mocked) prepared array_record files: our digits copy.
+    from jaxkd.data import pipeline
+
+    data_dir, (_, train, _) = digits
+    train_ds, _ = pipeline._catalog_sources("digits", data_dir, ("train", "test"), None, False)
+    assert len(train_ds) == 1500
+    np.testing.assert_array_equal(train_ds[3]["image"], train.images[3])
+    with pytest.raises(DatasetNotFoundError, match=r"splits \['test', 'train'\].*eval_split="):
+        pipeline._catalog_sources("digits", data_dir, ("train", "validation"), None, False)
+
+
 def test_unknown_dataset_suggests(tmp_path):
     with pytest.raises(DatasetNotFoundError, match="Did you mean 'cifar100'"):
         load_dataset("cifar1000", data_dir=str(tmp_path))
@@ -269,7 +281,10 @@ def test_every_example_once_per_epoch():
     for epoch in epochs:
         assert sorted(epoch) == list(range(100))
     assert not np.array_equal(epochs[0], epochs[1])  # reshuffled every epoch
-    assert steps_per_epoch(100, 8) == 12 and steps_per_epoch(5, 8) == 1
+    assert steps_per_epoch(100, 8) == 12 and steps_per_epoch(5, 8) == 0
+    # Batch bigger than the data set: batches span epochs, still every example once per epoch.
+    ids = _ids(_take(train_batches(_toy_source(5), 8, seed=0), 5)).reshape(8, 5)
+    assert all(sorted(epoch) == list(range(5)) for epoch in ids)
 
 
 def test_set_state_resumes_exactly():
@@ -357,6 +372,10 @@ def test_pipeline_throughput():
 # --------------------------------------------------------------------------------------------
 
 
+_crop_flip = jax.jit(augment.random_crop_flip, static_argnames=("pad", "flip"))
+_params = jax.jit(augment.crop_flip_params, static_argnums=1, static_argnames=("pad", "flip"))
+
+
 def _numpy_crop_flip(images, offsets, flips, pad):
     padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
     h, w = images.shape[1:3]
@@ -367,9 +386,9 @@ def _numpy_crop_flip(images, offsets, flips, pad):
 def test_random_crop_flip_matches_numpy():
     images = np.random.default_rng(0).integers(1, 256, (16, 6, 5, 3), dtype=np.uint8)
     rng = jax.random.PRNGKey(42)
-    out = augment.random_crop_flip(rng, jnp.asarray(images), pad=2, flip=True)
+    out = _crop_flip(rng, jnp.asarray(images), pad=2, flip=True)
     assert out.shape == images.shape and out.dtype == jnp.uint8
-    offsets, flips = augment.crop_flip_params(rng, 16, pad=2, flip=True)
+    offsets, flips = _params(rng, 16, pad=2, flip=True)
     offsets, flips = np.asarray(offsets), np.asarray(flips)
     assert offsets.min() >= 0 and offsets.max() <= 4
     assert 0 < flips.sum() < 16 and len({tuple(o) for o in offsets}) > 1
@@ -378,8 +397,7 @@ def test_random_crop_flip_matches_numpy():
 
 def test_random_crop_flip_outputs_are_possible_crops():
     images = np.random.default_rng(1).integers(1, 256, (8, 5, 5, 2), dtype=np.uint8)
-    out = np.asarray(augment.random_crop_flip(jax.random.PRNGKey(0), jnp.asarray(images), pad=1,
-                                              flip=True))
+    out = np.asarray(_crop_flip(jax.random.PRNGKey(0), jnp.asarray(images), pad=1, flip=True))
     padded = np.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)))
     for i in range(8):
         candidates = [padded[i, r:r + 5, c:c + 5] for r in range(3) for c in range(3)]
@@ -389,7 +407,7 @@ def test_random_crop_flip_outputs_are_possible_crops():
 
 def test_flip_only_and_identity():
     images = jnp.asarray(np.random.default_rng(2).integers(0, 256, (32, 4, 4, 1), dtype=np.uint8))
-    out = np.asarray(augment.random_crop_flip(jax.random.PRNGKey(3), images, pad=0, flip=True))
+    out = np.asarray(_crop_flip(jax.random.PRNGKey(3), images, pad=0, flip=True))
     x = np.asarray(images)
     same = [np.array_equal(o, i) for o, i in zip(out, x)]
     mirrored = [np.array_equal(o, i[:, ::-1]) for o, i in zip(out, x)]
@@ -404,9 +422,8 @@ def test_augment_deterministic_and_jittable():
     rng = jax.random.PRNGKey(9)
     eager = augment.random_crop_flip(rng, images, pad=4, flip=True)
     np.testing.assert_array_equal(eager, augment.random_crop_flip(rng, images, pad=4, flip=True))
-    jitted = jax.jit(augment.random_crop_flip, static_argnames=("pad", "flip"))
-    np.testing.assert_array_equal(jitted(rng, images, pad=4, flip=True), eager)
-    other = augment.random_crop_flip(jax.random.PRNGKey(10), images, pad=4, flip=True)
+    np.testing.assert_array_equal(_crop_flip(rng, images, pad=4, flip=True), eager)
+    other = _crop_flip(jax.random.PRNGKey(10), images, pad=4, flip=True)
     assert not np.array_equal(other, eager)
     with pytest.raises(ValueError, match="B, H, W, C"):
         augment.random_crop_flip(rng, images[0], pad=4, flip=True)

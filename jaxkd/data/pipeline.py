@@ -304,7 +304,7 @@ def _catalog_sources(name, data_dir, splits, builder_kwargs, download):
         raise
     except Exception as e:  # tfds raises a variety of types here; explain them once.
         raise DatasetNotFoundError(
-            _not_available_message(name, builder_cls, data_dir, download, e, kwargs)) from e
+            _not_available_message(name, builder_cls, data_dir, download, e, kwargs, splits)) from e
 
 
 def _unknown_message(name: str) -> str:
@@ -320,11 +320,16 @@ def _unknown_message(name: str) -> str:
             f"({', '.join(sorted(builders_lib.BUILTIN_BUILDERS))}) nor in the tfds catalog.{hint}")
 
 
-def _not_available_message(name, builder_cls, data_dir, download, error, kwargs) -> str:
+def _not_available_message(name, builder_cls, data_dir, download, error, kwargs, splits) -> str:
     base = _base_name(name)
+    diagnosis, prepared_splits = _diagnose(name, data_dir, kwargs)
+    if prepared_splits is not None:  # a readable copy exists: the split names must be wrong
+        return (f"Data set {name!r} is prepared under data_dir {data_dir!r} with splits "
+                f"{prepared_splits}, but reading splits {list(splits)} failed "
+                f"({type(error).__name__}: {' '.join(str(error).split())[:300]}). Pass "
+                "train_split=/eval_split= accordingly (e.g. eval_split='validation').")
     lines = [f"Data set {name!r} is not available as array_record files under data_dir "
              f"{data_dir!r}."]
-    diagnosis = _diagnose(name, data_dir, kwargs)
     if diagnosis:
         lines.append(diagnosis)
     if download:
@@ -344,20 +349,21 @@ def _not_available_message(name, builder_cls, data_dir, download, error, kwargs)
     return "\n".join(lines)
 
 
-def _diagnose(name, data_dir, kwargs) -> str | None:
-    """Explains an existing but unreadable copy (e.g. prepared as tfrecord)."""
+def _diagnose(name, data_dir, kwargs) -> tuple[str | None, list[str] | None]:
+    """``(explanation, None)`` for a missing or unreadable copy (e.g. prepared as tfrecord);
+    ``(None, split names)`` when a readable copy exists; ``(None, None)`` when unsure."""
     try:
         builder = tfds.builder(name, data_dir=data_dir, **kwargs)
         if not builder.is_prepared():
-            return f"No prepared copy was found at {builder.data_dir}."
+            return f"No prepared copy was found at {builder.data_dir}.", None
         formats = {str(getattr(f, "value", f)) for f in builder.info.available_file_formats()}
         if "array_record" not in formats:
             return (f"A copy exists at {builder.data_dir} but in {sorted(formats)} format, which "
                     "cannot be read with random access without TensorFlow; rebuild it with "
-                    "--file_format=array_record (or use another data_dir).")
+                    "--file_format=array_record (or use another data_dir)."), None
+        return None, sorted(builder.info.splits)
     except Exception:  # pylint: disable=broad-except
-        return None
-    return None
+        return None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -490,15 +496,15 @@ def subset_indices(source: Source, num_examples: int, *, seed: int = 0) -> np.nd
 
 
 def steps_per_epoch(num_train: int, batch_size: int) -> int:
-    """Optimizer steps per pass over ``num_train`` examples at global ``batch_size`` (at least 1).
+    """Optimizer steps per pass over ``num_train`` examples at global ``batch_size``.
 
-    ``train_batches`` cuts batches from the endless stream of per-epoch permutations, so no
-    example is ever dropped and ``num_train // batch_size`` steps make one epoch up to less
-    than one batch.
+    ``num_train // batch_size`` (0 when the batch is bigger than the data set). ``train_batches``
+    cuts batches from the endless stream of per-epoch permutations, so no example is ever
+    dropped: these steps make one epoch up to less than one batch.
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    return max(1, num_train // batch_size)
+    return num_train // batch_size
 
 
 def _local_batch(batch_size: int, shard_index: int, shard_count: int) -> int:
@@ -528,6 +534,12 @@ class _BatchPositions:
 
     def __len__(self) -> int:
         return sys.maxsize
+
+    def __getstate__(self):
+        return {"n": self.n, "batch_size": self.batch_size, "seed": self.seed}
+
+    def __setstate__(self, state):
+        self.__init__(state["n"], state["batch_size"], state["seed"])
 
     def permutation(self, epoch: int) -> np.ndarray:
         with self._lock:
