@@ -225,7 +225,8 @@ def load_dataset(name: str, *, data_dir: str | None = None, train_split: str = "
       subset_seed: seed of that subset.
       builder_kwargs: passed to the tfds builder, e.g. ``{"idx_dir": ...}`` for
         ``fashion_mnist_local``.
-      download: for catalog data sets, let tfds download and prepare them (needs network).
+      download: for catalog data sets, let tfds download and prepare them (needs network;
+        built-ins never download and ignore it).
       in_memory: force (True) or forbid (False) holding the splits in memory; default: by size.
       cache: keep decoded in-memory arrays as ``.npy`` files in the prepared data set's folder.
 
