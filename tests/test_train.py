@@ -78,9 +78,12 @@ def test_teacher_mismatch_names_path(tmp_path, trained_teacher):
     cfg = small_config(**{"teacher.workdir": teacher_wd, "teacher.kwargs": {"width": 16}})
     with pytest.raises(ckpt_lib.CheckpointError, match=r"shape .* the model expects"):
         train_and_evaluate(cfg, str(tmp_path / "x"))
-    cfg = small_config(**{"teacher.workdir": teacher_wd, "teacher.name": "mlp"})
+    cfg = small_config(**{"teacher.workdir": teacher_wd, "teacher.name": "mlp", "teacher.kwargs": {}})
     with pytest.raises(ckpt_lib.CheckpointError, match="does not fit the teacher model"):
         train_and_evaluate(cfg, str(tmp_path / "y"))
+    cfg = small_config(**{"teacher.workdir": teacher_wd, "teacher.kwargs": {"widht": 32}})
+    with pytest.raises(config_lib.ConfigError, match="config.teacher: .*widht"):
+        train_and_evaluate(cfg, str(tmp_path / "z"))
 
 
 def test_config_change_on_resume_refused(tmp_path, trained_teacher):

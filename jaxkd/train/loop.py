@@ -115,11 +115,18 @@ def _truncate_jsonl(path: str, last_step: int) -> None:
         f.writelines(lines)
 
 
+def _create(cfg_model, key: str, num_classes: int) -> models_lib.ModelFns:
+    try:
+        return models_lib.create_model(cfg_model.name, num_classes, **dict(cfg_model.kwargs))
+    except (ValueError, TypeError) as e:
+        raise config_lib.ConfigError(f"config.{key}: {e}") from None
+
+
 def build_models(cfg: ml_collections.ConfigDict, num_classes: int):
-    student = models_lib.create_model(cfg.model.name, num_classes, **dict(cfg.model.kwargs))
+    student = _create(cfg.model, "model", num_classes)
     teacher = None
     if recipes_lib.build_recipe(config_lib.method_options(cfg.method)).uses_teacher:
-        teacher = models_lib.create_model(cfg.teacher.name, num_classes, **dict(cfg.teacher.kwargs))
+        teacher = _create(cfg.teacher, "teacher", num_classes)
     return student, teacher
 
 
@@ -162,7 +169,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, allow
 
 
 def _train(config, workdir, mesh, allow_config_change, stop_after_steps):
-    cfg_dict = config.to_dict()
+    cfg_dict = json.loads(json.dumps(config.to_dict()))  # as stored in checkpoints (tuples -> lists)
     d = config.data
     info, train_src, eval_src = data_lib.load_dataset(
         d.name, data_dir=d.data_dir, train_split=d.train_split, eval_split=d.eval_split,
