@@ -236,7 +236,7 @@ def _train(config, workdir, mesh, allow_config_change, stop_after_steps):
         save_meta = dict(meta)
         ckpt_lib.save_run(run_mgr, step_now, state, train_iter.get_state(), save_meta)
 
-    progress = _progress(config, steps_per_epoch)
+    progress = _progress(config, steps_per_epoch * d.batch_size)
     inflight: collections.deque = collections.deque()
     epoch_sums = collections.defaultdict(float, meta.get("epoch_sums", {}))
     epoch_count = int(meta.get("epoch_count", 0))
@@ -256,15 +256,15 @@ def _train(config, workdir, mesh, allow_config_change, stop_after_steps):
                 epoch_sums[k] += float(v)
             epoch_count += 1
             if progress is not None:
-                progress.update(1)
+                progress.update(d.batch_size)
                 if s % max(1, config.train.log_every_steps // 5) == 0:
                     progress.set_postfix(loss=f"{float(m['loss']):.4f}", acc=f"{float(m['accuracy']):.3f}")
 
     step = start_step
     try:
         if progress is not None:
-            progress.reset(total=steps_per_epoch)
-            progress.update(step % steps_per_epoch)
+            progress.reset(total=steps_per_epoch * d.batch_size)
+            progress.update((step % steps_per_epoch) * d.batch_size)
             progress.set_description(f"epoch {step // steps_per_epoch + 1}/{num_epochs}")
         while step < total_steps:
             batch = next(train_iter)
@@ -301,7 +301,7 @@ def _train(config, workdir, mesh, allow_config_change, stop_after_steps):
                 if progress is not None:
                     progress.write(_format_record(record))
                     if step < total_steps:
-                        progress.reset(total=steps_per_epoch)
+                        progress.reset(total=steps_per_epoch * d.batch_size)
                         progress.set_description(f"epoch {epoch + 1}/{num_epochs}")
             if epoch_end or (config.train.checkpoint_every_steps and step % config.train.checkpoint_every_steps == 0):
                 meta["epoch_sums"], meta["epoch_count"] = dict(epoch_sums), epoch_count
@@ -349,8 +349,9 @@ def _format_record(r: dict) -> str:
     return "  ".join(parts)
 
 
-def _progress(config, steps_per_epoch: int):
+def _progress(config, images_per_epoch: int):
+    """Per-epoch progress bar counting images, so its rate is the training throughput."""
     if not config.train.progress or jax.process_index() != 0:
         return None
     from tqdm.auto import tqdm
-    return tqdm(total=steps_per_epoch, unit="step", dynamic_ncols=True, leave=False)
+    return tqdm(total=images_per_epoch, unit="img", unit_scale=True, dynamic_ncols=True, leave=False)
