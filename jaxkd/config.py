@@ -86,7 +86,9 @@ def set_path(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
         last = i == len(parts) - 1
         if part not in keys and not (last and isinstance(node, (dict, ml_collections.ConfigDict))
                                      and _open_dict(parts[:-1])):
-            close = difflib.get_close_matches(part, keys, n=1)
+            close = difflib.get_close_matches(part, keys, n=1, cutoff=0.5)
+            if not close and _ALIASES.get(part) in keys:
+                close = [_ALIASES[part]]
             hint = f"; did you mean {'.'.join(parts[:i] + [close[0]])!r}?" if close else ""
             raise ConfigError(f"unknown config key {key!r}{hint}")
         if last:
@@ -96,6 +98,11 @@ def set_path(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
                 raise ConfigError(f"config.{key}: cannot set {value!r}: {e}") from None
         else:
             node = node[part]
+
+
+# Names users commonly reach for, mapped to ours (for "did you mean" hints).
+_ALIASES = {"learning_rate": "lr", "epochs": "num_epochs", "wd": "weight_decay", "T": "temperature",
+            "batch": "batch_size", "dataset": "name", "lr_schedule": "schedule", "optimizer": "name"}
 
 
 def _open_dict(prefix: list[str]) -> bool:
