@@ -167,3 +167,33 @@ def test_one_vs_eight_devices_same_numbers():
     np.testing.assert_allclose(out["1"]["losses"], out["8"]["losses"], rtol=1e-5, atol=1e-6)
     for a, b in zip(out["1"]["params"] + out["1"]["bn"], out["8"]["params"] + out["8"]["bn"]):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+LOOP_SCRIPT = textwrap.dedent("""
+    import os, sys, json
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    import jax
+    sys.path.insert(0, os.path.join(os.getcwd(), "tests"))
+    from test_train import small_config
+    from jaxkd.experiment import teacher_config
+    from jaxkd.train.loop import train_and_evaluate
+    out = {}
+    for n in (1, 8):
+        wd = os.path.join(sys.argv[1], f"dev{n}")
+        cfg = teacher_config(small_config(**{"train.num_epochs": 1, "train.num_devices": n}))
+        summary = train_and_evaluate(cfg, wd)
+        out[n] = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))]
+    print("RESULT" + json.dumps(out))
+""")
+
+
+def test_loop_on_eight_devices_matches_one(tmp_path, data_dir):
+    """The whole loop (train, padded eval, checkpoint) on 8 forced CPU devices vs 1."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAXKD_DATA_DIR=data_dir)
+    proc = subprocess.run([sys.executable, "-c", LOOP_SCRIPT, str(tmp_path)], capture_output=True, text=True,
+                          timeout=400, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.split("RESULT", 1)[1])
+    one, eight = out["1"][-1], out["8"][-1]
+    for key in ("train/loss", "train/accuracy", "eval/loss", "eval/accuracy"):
+        assert one[key] == pytest.approx(eight[key], rel=1e-4, abs=1e-5), key
