@@ -220,7 +220,8 @@ def _train(config, workdir, mesh, allow_config_change, stop_after_steps):
                                 ". Use another --workdir, or pass --allow-config-change to resume anyway.")
         train_iter.set_state(data_state)
         _truncate_jsonl(logger.path, start_step)
-        log.info("resumed from step %d in %s", start_step, workdir)
+        if jax.process_index() == 0:
+            print(f"jaxkd: resuming from checkpoint step {start_step} in {workdir}", flush=True)
     else:
         start_step = 0
     if start_step >= total_steps:
