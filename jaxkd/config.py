@@ -39,6 +39,9 @@ def base_config() -> ml_collections.ConfigDict:
         num_epochs=10, eval_every_epochs=1, checkpoint_every_steps=0, keep_checkpoints=3,
         max_inflight_steps=2, num_devices=None, progress=True, log_every_steps=50,
         tensorboard=True))
+    # Optional stages: a sequence of {"name", "num_epochs", "method": {...}, "optim": {...}};
+    # None runs one stage with config.method for config.train.num_epochs.
+    c.stages = None
     # Used by `jaxkd compare` for the teacher run (model = config.teacher).
     c.teacher_train = ml_collections.ConfigDict(dict(num_epochs=None, optim=None))
     return c

@@ -27,8 +27,8 @@ def test_kd_recipe_uses_scheduled_alpha():
     t = jnp.array([[1.0, 0.0], [0.0, 2.0]])
     inp = dict(student_logits=s, student_features={}, teacher_logits=t, teacher_features={},
                labels=jnp.array([0, 1]), aux_params={}, rng=None)
-    full, parts = r.loss(recipes.LossInputs(step=jnp.int32(0), **inp))
-    half, _ = r.loss(recipes.LossInputs(step=jnp.int32(5), **inp))
+    full, parts = r.loss(recipes.LossInputs(step=jnp.int32(0), stage_step=jnp.int32(0), **inp))
+    half, _ = r.loss(recipes.LossInputs(step=jnp.int32(5), stage_step=jnp.int32(5), **inp))
     np.testing.assert_allclose(np.asarray(full), np.asarray(parts["kd"]), rtol=1e-6)
     np.testing.assert_allclose(np.asarray(half), 0.5 * np.asarray(parts["kd"]), rtol=1e-6)
 

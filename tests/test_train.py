@@ -153,7 +153,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
             state, m = step(state, t_vars, shard_batch(b, mesh))
             losses.append(float(m["loss"]))  # block every step (XLA:CPU collectives)
         out[n] = {"losses": losses, "params": [np.asarray(x).ravel().tolist()[:50] for x in jax.tree.leaves(state.params)],
-                  "bn": [np.asarray(x).ravel().tolist() for x in jax.tree.leaves(state.model_state)]}
+                  "bn": [np.asarray(x).ravel().tolist() for x in jax.tree.leaves(state.model_state["student"])]}
     print("RESULT" + json.dumps(out))
 """)
 

@@ -61,6 +61,9 @@ def save_best(manager: ocp.CheckpointManager, step: int, model: dict, meta: dict
 def restore_latest(manager: ocp.CheckpointManager, state_template) -> tuple[int, Any, dict, dict] | None:
     """Restores the newest usable checkpoint: ``(step, state, data_state, meta)`` or ``None``.
 
+    ``state_template`` is the state to restore into, or a function ``step -> template`` (the
+    optimizer state's structure may depend on the stage the step belongs to).
+
     A damaged step is reported (warning naming the step) and the next older one is tried;
     if steps exist but none restores, raises :class:`CheckpointError`.
     """
@@ -70,7 +73,8 @@ def restore_latest(manager: ocp.CheckpointManager, state_template) -> tuple[int,
     for step in steps:
         try:
             restored = manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(state_template), data=ocp.args.JsonRestore(),
+                state=ocp.args.StandardRestore(state_template(step) if callable(state_template)
+                                               else state_template), data=ocp.args.JsonRestore(),
                 meta=ocp.args.JsonRestore()))
         except Exception as e:  # noqa: BLE001 - any failure means "this step is unusable"
             msg = f"checkpoint step {step} in {manager.directory} is unusable ({type(e).__name__}: {e}); "
@@ -137,7 +141,8 @@ def load_model_variables(workdir: str, template_variables: dict, which: str = "b
             try:
                 r = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
                                                               meta=ocp.args.JsonRestore()))
-                loaded = {"params": r.state["params"]["student"], "model_state": r.state["model_state"]}
+                loaded = {"params": r.state["params"]["student"],
+                          "model_state": r.state["model_state"]["student"]}
                 meta = r.meta
                 break
             except Exception as e:  # noqa: BLE001

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import fcntl
 import json
 import logging
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 
 # Keys whose change between a kill and a resume makes the resumed run a different run.
 RESUME_KEYS = ("seed", "data.name", "data.batch_size", "data.num_train_examples", "model.name", "model.kwargs",
-               "method.name", "teacher.name", "optim.name", "train.num_epochs")
+               "method.name", "teacher.name", "optim.name", "train.num_epochs", "stages")
 
 
 class TrainingError(RuntimeError):
@@ -122,14 +123,6 @@ def _create(cfg_model, key: str, num_classes: int) -> models_lib.ModelFns:
         raise config_lib.ConfigError(f"config.{key}: {e}") from None
 
 
-def build_models(cfg: ml_collections.ConfigDict, num_classes: int):
-    student = _create(cfg.model, "model", num_classes)
-    teacher = None
-    if recipes_lib.build_recipe(config_lib.method_options(cfg.method)).uses_teacher:
-        teacher = _create(cfg.teacher, "teacher", num_classes)
-    return student, teacher
-
-
 def load_teacher(cfg, teacher: models_lib.ModelFns, sample_input):
     if not cfg.teacher.workdir:
         raise config_lib.ConfigError("config.teacher.workdir must name the work dir of a trained teacher "
@@ -168,6 +161,55 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, allow
         return _train(config, workdir, mesh, allow_config_change, stop_after_steps)
 
 
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One stage of a run: its method, optimizer and global step range ``[start, end)``."""
+
+    index: int
+    name: str
+    method: dict
+    optim: dict
+    num_epochs: int
+    start: int
+    end: int
+
+
+def resolve_stages(config, steps_per_epoch: int) -> list[Stage]:
+    """``config.stages`` (or the single stage given by ``config.method``/``config.train``).
+
+    Each entry of ``config.stages`` is a dict with ``num_epochs`` and optionally ``name``,
+    ``method`` (replaces ``config.method``) and ``optim`` (overrides keys of ``config.optim``);
+    with stages, the run lasts the sum of their epochs.
+    """
+    specs = list(config.get("stages") or ())
+    if not specs:
+        specs = [{"name": "main", "num_epochs": config.train.num_epochs}]
+    stages, start = [], 0
+    for i, spec in enumerate(specs):
+        spec = dict(spec)
+        unknown = set(spec) - {"name", "num_epochs", "method", "optim"}
+        if unknown:
+            raise config_lib.ConfigError(f"config.stages[{i}] has unknown key(s) {sorted(unknown)}; "
+                                         "allowed: name, num_epochs, method, optim")
+        n = spec.get("num_epochs")
+        if not isinstance(n, int) or n <= 0:
+            raise config_lib.ConfigError(f"config.stages[{i}].num_epochs must be a positive int; got {n!r}")
+        method = dict(spec.get("method") or config.method.to_dict())
+        optim = {**config.optim.to_dict(), **dict(spec.get("optim") or {})}
+        end = start + n * steps_per_epoch
+        stages.append(Stage(i, str(spec.get("name", f"stage{i}")), method, optim, n, start, end))
+        start = end
+    return stages
+
+
+def _stage_of_checkpoint(stages: list[Stage], step: int) -> int:
+    """The stage whose optimizer state a checkpoint at ``step`` holds (the one that ran step-1)."""
+    for st in stages:
+        if st.start < step <= st.end:
+            return st.index
+    return 0
+
+
 def _train(config, workdir, mesh, allow_config_change, stop_after_steps):
     cfg_dict = json.loads(json.dumps(config.to_dict()))  # as stored in checkpoints (tuples -> lists)
     d = config.data
@@ -182,24 +224,33 @@ def _train(config, workdir, mesh, allow_config_change, stop_after_steps):
     if steps_per_epoch < 1:
         raise config_lib.ConfigError(f"config.data.batch_size={d.batch_size} is larger than the training set "
                                      f"({len(train_src)} examples)")
-    num_epochs = config.train.num_epochs
-    total_steps = steps_per_epoch * num_epochs
+    stages = resolve_stages(config, steps_per_epoch)
+    num_epochs = sum(st.num_epochs for st in stages)
+    total_steps = stages[-1].end
 
-    recipe = recipes_lib.build_recipe(config_lib.method_options(config.method))
-    student, teacher = build_models(config, info.num_classes)
+    stage_recipes = []
+    for st in stages:
+        try:
+            stage_recipes.append(recipes_lib.build_recipe(config_lib.method_options(st.method)))
+        except ValueError as e:
+            where = f"config.stages[{st.index}].method" if config.get("stages") else "config.method"
+            raise config_lib.ConfigError(f"{where}: {e}") from None
+    uses_teacher = any(r.uses_teacher for r in stage_recipes)
+    student = _create(config.model, "model", info.num_classes)
+    teacher = _create(config.teacher, "teacher", info.num_classes) if uses_teacher else None
     sample = jnp.zeros((1, *info.input_shape), jnp.float32)
     teacher_vars, teacher_meta = None, None
-    if recipe.uses_teacher:
+    if uses_teacher:
         teacher_vars, teacher_meta = load_teacher(config, teacher, sample)
         teacher_vars = jax.device_put(teacher_vars, step_lib.replicated(mesh))
-    tx, lr_schedule = optim_lib.make_optimizer(config.optim.to_dict(), steps_per_epoch, num_epochs)
-    if recipe.trainable is not None:
-        import optax
-        tx = optax.multi_transform({True: tx, False: optax.set_to_zero()}, recipe.trainable)
+    optimizers = [optim_lib.make_optimizer(st.optim, steps_per_epoch, st.num_epochs) for st in stages]
 
-    state = step_lib.create_train_state(jax.random.PRNGKey(config.seed), student, recipe, tx, sample,
-                                        teacher=teacher, teacher_variables=teacher_vars)
-    state = jax.device_put(state, step_lib.replicated(mesh))
+    state = step_lib.create_train_state(jax.random.PRNGKey(config.seed), student, stage_recipes,
+                                        optimizers[0][0], sample, teacher=teacher, teacher_variables=teacher_vars)
+
+    def state_template(step: int):
+        tx = optimizers[_stage_of_checkpoint(stages, step)][0]
+        return jax.device_put(state.replace(opt_state=tx.init(state.params)), step_lib.replicated(mesh))
 
     shard_index, shard_count = jax.process_index(), jax.process_count()
     train_iter = data_lib.train_batches(train_src, d.batch_size, seed=config.seed, shard_index=shard_index,
@@ -210,7 +261,7 @@ def _train(config, workdir, mesh, allow_config_change, stop_after_steps):
 
     meta = {"history": [], "best_accuracy": None, "best_epoch": None, "epoch_sums": {}, "epoch_count": 0,
             "config": cfg_dict, "train_time_s": 0.0, "images": 0}
-    restored = ckpt_lib.restore_latest(run_mgr, state)
+    restored = ckpt_lib.restore_latest(run_mgr, state_template)
     if restored is not None:
         start_step, state, data_state, meta = restored
         diffs = config_differences(meta["config"], cfg_dict)
@@ -222,26 +273,19 @@ def _train(config, workdir, mesh, allow_config_change, stop_after_steps):
         _truncate_jsonl(logger.path, start_step)
         if jax.process_index() == 0:
             print(f"jaxkd: resuming from checkpoint step {start_step} in {workdir}", flush=True)
+        state_stage = _stage_of_checkpoint(stages, start_step)
     else:
-        start_step = 0
+        start_step, state_stage = 0, 0
+        state = jax.device_put(state, step_lib.replicated(mesh))
     if start_step >= total_steps:
-        summary = _summary(meta, config, teacher_meta, total_steps)
         logger.close()
-        return summary
+        return _summary(meta, config, teacher_meta, total_steps)
 
-    train_step = step_lib.make_train_step(student, recipe, tx, pipeline, teacher=teacher, mesh=mesh,
-                                          lr_schedule=lr_schedule)
     eval_step = step_lib.make_eval_step(student, pipeline, mesh=mesh)
-
-    def checkpoint(step_now: int):
-        save_meta = dict(meta)
-        ckpt_lib.save_run(run_mgr, step_now, state, train_iter.get_state(), save_meta)
-
     progress = _progress(config, steps_per_epoch * d.batch_size)
     inflight: collections.deque = collections.deque()
     epoch_sums = collections.defaultdict(float, meta.get("epoch_sums", {}))
     epoch_count = int(meta.get("epoch_count", 0))
-    last_saved = start_step
     t_start, images_done = time.perf_counter(), 0
 
     def drain(limit: int):
@@ -262,57 +306,71 @@ def _train(config, workdir, mesh, allow_config_change, stop_after_steps):
                     progress.set_postfix(loss=f"{float(m['loss']):.4f}", acc=f"{float(m['accuracy']):.3f}")
 
     step = start_step
+    stopped = False
     try:
         if progress is not None:
             progress.reset(total=steps_per_epoch * d.batch_size)
             progress.update((step % steps_per_epoch) * d.batch_size)
             progress.set_description(f"epoch {step // steps_per_epoch + 1}/{num_epochs}")
-        while step < total_steps:
-            batch = next(train_iter)
-            batch = step_lib.shard_batch({"image": batch["image"], "label": batch["label"]}, mesh)
-            state, metrics = train_step(state, teacher_vars, batch)
-            step += 1
-            images_done += d.batch_size
-            inflight.append((step, metrics))
-            drain(config.train.max_inflight_steps - 1)
-            epoch_end = step % steps_per_epoch == 0
-            if epoch_end or (config.train.checkpoint_every_steps and step % config.train.checkpoint_every_steps == 0):
-                drain(0)
-            if epoch_end:
-                epoch = step // steps_per_epoch
-                record = {"epoch": epoch, "step": step}
-                record.update({f"train/{k}": v / max(epoch_count, 1) for k, v in epoch_sums.items()})
-                epoch_sums.clear()
-                epoch_count = 0
-                do_eval = epoch % config.train.eval_every_epochs == 0 or step == total_steps
-                if do_eval:
-                    ev = evaluate(eval_step, {"params": state.params["student"], **state.model_state}, eval_src,
-                                  d.eval_batch_size, mesh)
-                    record.update({"eval/accuracy": ev["accuracy"], "eval/loss": ev["loss"]})
-                elapsed = meta["train_time_s"] + time.perf_counter() - t_start
-                record["time_s"] = elapsed
-                logger.write(record)
-                meta["history"].append(record)
-                if do_eval and (meta["best_accuracy"] is None or ev["accuracy"] > meta["best_accuracy"]):
-                    meta["best_accuracy"], meta["best_epoch"] = ev["accuracy"], epoch
-                    ckpt_lib.save_best(best_mgr, step, {"params": state.params["student"],
-                                                        "model_state": state.model_state},
-                                       {"epoch": epoch, "accuracy": ev["accuracy"], "config": cfg_dict},
-                                       ev["accuracy"])
-                if progress is not None:
-                    progress.write(_format_record(record))
-                    if step < total_steps:
-                        progress.reset(total=steps_per_epoch * d.batch_size)
-                        progress.set_description(f"epoch {epoch + 1}/{num_epochs}")
-            if epoch_end or (config.train.checkpoint_every_steps and step % config.train.checkpoint_every_steps == 0):
-                meta["epoch_sums"], meta["epoch_count"] = dict(epoch_sums), epoch_count
-                meta["train_time_s"] += time.perf_counter() - t_start
-                meta["images"] += images_done
-                t_start, images_done = time.perf_counter(), 0
-                checkpoint(step)
-                last_saved = step
-                if stop_after_steps is not None and step >= stop_after_steps:
-                    break
+        for stage, recipe, (tx, lr_schedule) in zip(stages, stage_recipes, optimizers):
+            if step >= stage.end or stopped:
+                continue
+            if state_stage != stage.index:  # entering a new stage: fresh optimizer state
+                state = state.replace(opt_state=jax.device_put(tx.init(state.params), step_lib.replicated(mesh)))
+                state_stage = stage.index
+            train_step = step_lib.make_train_step(student, recipe, tx, pipeline, teacher=teacher, mesh=mesh,
+                                                  lr_schedule=lr_schedule, steps_per_epoch=steps_per_epoch,
+                                                  stage_start=stage.start)
+            final_stage = stage.index == len(stages) - 1
+            while step < stage.end:
+                batch = next(train_iter)
+                batch = step_lib.shard_batch({"image": batch["image"], "label": batch["label"]}, mesh)
+                state, metrics = train_step(state, teacher_vars, batch)
+                step += 1
+                images_done += d.batch_size
+                inflight.append((step, metrics))
+                drain(config.train.max_inflight_steps - 1)
+                epoch_end = step % steps_per_epoch == 0
+                save_now = epoch_end or (config.train.checkpoint_every_steps
+                                         and step % config.train.checkpoint_every_steps == 0)
+                if save_now:
+                    drain(0)  # nothing non-finite goes into a checkpoint
+                if epoch_end:
+                    epoch = step // steps_per_epoch
+                    record = {"epoch": epoch, "step": step, "stage": stage.name}
+                    record.update({f"train/{k}": v / max(epoch_count, 1) for k, v in epoch_sums.items()})
+                    epoch_sums.clear()
+                    epoch_count = 0
+                    do_eval = epoch % config.train.eval_every_epochs == 0 or step == stage.end
+                    if do_eval:
+                        ev = evaluate(eval_step, state.student_variables(), eval_src, d.eval_batch_size, mesh)
+                        record.update({"eval/accuracy": ev["accuracy"], "eval/loss": ev["loss"]})
+                    record["time_s"] = meta["train_time_s"] + time.perf_counter() - t_start
+                    logger.write(record)
+                    meta["history"].append(record)
+                    # best-by-accuracy among the epochs of the final stage (earlier stages may
+                    # train only part of the student, e.g. FitNets' hint stage)
+                    if do_eval and final_stage and (meta["best_accuracy"] is None
+                                                    or ev["accuracy"] > meta["best_accuracy"]):
+                        meta["best_accuracy"], meta["best_epoch"] = ev["accuracy"], epoch
+                        ckpt_lib.save_best(best_mgr, step, {"params": state.params["student"],
+                                                            "model_state": state.model_state["student"]},
+                                           {"epoch": epoch, "accuracy": ev["accuracy"], "config": cfg_dict},
+                                           ev["accuracy"])
+                    if progress is not None:
+                        progress.write(_format_record(record))
+                        if step < total_steps:
+                            progress.reset(total=steps_per_epoch * d.batch_size)
+                            progress.set_description(f"epoch {epoch + 1}/{num_epochs}")
+                if save_now:
+                    meta["epoch_sums"], meta["epoch_count"] = dict(epoch_sums), epoch_count
+                    meta["train_time_s"] += time.perf_counter() - t_start
+                    meta["images"] += images_done
+                    t_start, images_done = time.perf_counter(), 0
+                    ckpt_lib.save_run(run_mgr, step, state, train_iter.get_state(), dict(meta))
+                    if stop_after_steps is not None and step >= stop_after_steps:
+                        stopped = True
+                        break
         drain(0)
     finally:
         if progress is not None:
@@ -320,7 +378,6 @@ def _train(config, workdir, mesh, allow_config_change, stop_after_steps):
         run_mgr.wait_until_finished()
         best_mgr.wait_until_finished()
         logger.close()
-    del last_saved
     summary = _summary(meta, config, teacher_meta, step)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "summary.json"), "w") as f:

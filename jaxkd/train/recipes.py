@@ -28,7 +28,15 @@ class LossInputs:
     """Everything a recipe loss may read; built inside the jitted step.
 
     ``teacher_logits`` / ``teacher_features`` are ``None`` for recipes without a teacher.
-    ``aux_params`` holds the recipe's own trainable params (empty dict if none).
+    ``aux_params`` / ``aux_state`` hold the auxiliary modules' params and other collections
+    (``{}`` if none), keyed by module name.
+    ``step`` is the global step, ``stage_step`` the step within the current stage and
+    ``epoch`` the (integer) epoch within the stage: schedules normally use the latter two.
+    ``inputs`` is the augmented, normalised batch both networks saw; ``student_apply(x)`` and
+    ``teacher_apply(x)`` run the networks on other inputs (e.g. adversarial samples) and
+    return ``(logits, features)``: the student in train mode with the params being
+    differentiated (its batch-stat updates from such extra calls are discarded), the
+    teacher in inference mode.
     """
 
     student_logits: Array
@@ -39,9 +47,16 @@ class LossInputs:
     step: Array
     aux_params: Any
     rng: Array
+    aux_state: Any = None
+    stage_step: Array | None = None
+    epoch: Array | None = None
+    inputs: Array | None = None
+    student_apply: Callable | None = None
+    teacher_apply: Callable | None = None
 
 
 # loss(inputs) -> (per-example total loss [B], {name: per-example component [B]})
+# or (..., ..., new_aux_state) when auxiliary modules keep state (e.g. a regressor's BN).
 LossFn = Callable[[LossInputs], tuple[Array, dict[str, Array]]]
 
 
@@ -53,17 +68,20 @@ class Recipe:
       name: method name (``config.method.name``).
       loss: pure per-example loss, see :data:`LossFn`.
       uses_teacher: run the (frozen) teacher inside the step.
-      init_aux: ``init_aux(rng, student_features, teacher_features) -> params`` for
-        auxiliary trainable modules; ``None`` if the method has none.
-      trainable: ``trainable(params) -> bool pytree`` selecting the params that train
-        (others get a zero update: bit-for-bit frozen); ``None`` trains all.
+      init_aux: ``init_aux(rng, student_features, teacher_features) -> variables`` (a Flax
+        variables dict ``{"params": {name: ...}, "batch_stats": {name: ...}}``, top-level
+        names unique across recipes) for auxiliary trainable modules; ``None`` if none.
+      trainable: ``trainable(path) -> bool`` on parameter paths such as
+        ``"student/stage1/conv1/kernel"`` or ``"aux/regressor/Conv_0/kernel"``; params for
+        which it is False get no update and their batch statistics stay as they are
+        (bit-for-bit frozen). ``None`` trains everything.
     """
 
     name: str
     loss: LossFn
     uses_teacher: bool = False
     init_aux: Callable[..., Any] | None = None
-    trainable: Callable[[Any], Any] | None = None
+    trainable: Callable[[str], bool] | None = None
 
 
 def make_weight_schedule(spec: Any) -> Callable[[Array], Array]:
@@ -120,7 +138,7 @@ def hinton_kd_recipe(temperature: float = 4.0, alpha: Any = 0.9, gamma: Any = 0.
     def loss(inp: LossInputs):
         ce = losses.cross_entropy(inp.student_logits, inp.labels)
         kd = losses.hinton_kd(inp.student_logits, inp.teacher_logits, temperature, mode)
-        total = gamma_fn(inp.step) * ce + alpha_fn(inp.step) * kd
+        total = gamma_fn(inp.stage_step) * ce + alpha_fn(inp.stage_step) * kd
         return total, {"ce": ce, "kd": kd}
 
     return Recipe(name="hinton_kd", loss=loss, uses_teacher=True)

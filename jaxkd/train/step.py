@@ -32,10 +32,14 @@ class TrainState:
     """Everything that changes during training (and is checkpointed)."""
 
     step: jax.Array
-    params: Any          # {"student": student params, "aux": recipe's auxiliary params}
-    model_state: Any     # student's non-param collections, e.g. {"batch_stats": ...}
+    params: Any          # {"student": student params, "aux": recipes' auxiliary params}
+    model_state: Any     # {"student": {"batch_stats": ...}, "aux": auxiliary modules' collections}
     opt_state: Any
     rng: jax.Array       # raw uint32 PRNG key, folded with the step each step
+
+    def student_variables(self) -> dict:
+        """The student's Flax variables ``{"params": ..., "batch_stats": ...}``."""
+        return {"params": self.params["student"], **self.model_state["student"]}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,20 +67,35 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def create_train_state(rng, student: ModelFns, recipe: Recipe, tx: optax.GradientTransformation,
-                       sample_input, teacher: ModelFns | None = None, teacher_variables=None
-                       ) -> TrainState:
-    """Initialises student (and auxiliary) params, model state and optimizer state."""
+def create_train_state(rng, student: ModelFns, recipes: Recipe | Sequence[Recipe],
+                       tx: optax.GradientTransformation, sample_input, teacher: ModelFns | None = None,
+                       teacher_variables=None) -> TrainState:
+    """Initialises student and auxiliary params, model state and optimizer state.
+
+    ``recipes`` may be several (the stages of a run): the auxiliary modules of all of them
+    are created up front, so the params tree is the same in every stage.
+    """
+    recipes = [recipes] if isinstance(recipes, Recipe) else list(recipes)
     init_rng, aux_rng, state_rng = jax.random.split(rng, 3)
     variables = dict(student.init(init_rng, sample_input))
     params = {"student": variables.pop("params"), "aux": {}}
-    if recipe.init_aux is not None:
+    model_state = {"student": variables, "aux": {}}
+    with_aux = [r for r in recipes if r.init_aux is not None]
+    if with_aux:
         _, s_feats, _ = student.apply({"params": params["student"], **variables}, sample_input, train=False)
         t_feats = None
-        if recipe.uses_teacher and teacher is not None:
+        if teacher is not None and teacher_variables is not None:
             _, t_feats, _ = teacher.apply(teacher_variables, sample_input, train=False)
-        params["aux"] = recipe.init_aux(aux_rng, s_feats, t_feats)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=variables,
+        for i, r in enumerate(with_aux):
+            aux_vars = dict(r.init_aux(jax.random.fold_in(aux_rng, i), s_feats, t_feats))
+            aux_params = aux_vars.pop("params")
+            clash = set(aux_params) & set(params["aux"])
+            if clash:
+                raise ValueError(f"auxiliary modules {sorted(clash)} are created by two recipes")
+            params["aux"].update(aux_params)
+            for coll, tree in aux_vars.items():
+                model_state["aux"].setdefault(coll, {}).update(tree)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
                       opt_state=tx.init(params), rng=state_rng)
 
 
@@ -87,14 +106,43 @@ def _masked_mean(x, mask):
     return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
+def param_path(path) -> str:
+    """``"student/stage1/conv1/kernel"``-style name of a pytree path."""
+    return jax.tree_util.keystr(path, simple=True, separator="/")
+
+
+def trainable_mask(params, predicate: Callable[[str], bool] | None):
+    """Bool pytree over ``{"student": ..., "aux": ...}``: ``predicate("student/conv1/kernel")``."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: True if predicate is None else bool(predicate(param_path(path))), params)
+
+
+def state_mask(model_state, predicate: Callable[[str], bool] | None):
+    """Bool pytree over ``{"student": {collection: ...}, "aux": {...}}``; the collection name is
+    dropped from the path, so a module's statistics follow its params."""
+    def leaf(path, _):
+        if predicate is None:
+            return True
+        return bool(predicate(param_path(path[:1] + path[2:])))
+    return jax.tree_util.tree_map_with_path(leaf, model_state)
+
+
+def _keep_frozen(mask, new, old):
+    return jax.tree.map(lambda m, n, o: n if m else o, mask, new, old)
+
+
 def make_train_step(student: ModelFns, recipe: Recipe, tx: optax.GradientTransformation,
                     pipeline: InputPipeline, *, teacher: ModelFns | None = None,
                     mesh: Mesh | None = None, lr_schedule: Callable | None = None,
+                    steps_per_epoch: int | None = None, stage_start: int = 0,
                     donate: bool = True) -> Callable:
     """Builds ``step(state, teacher_variables, batch) -> (state, metrics)``, jit-compiled.
 
     ``metrics`` are scalars (global batch means): ``loss``, each loss component, ``accuracy``,
-    ``lr`` and ``grad_norm``; ``teacher_accuracy`` when a teacher runs.
+    ``lr`` and ``grad_norm``; ``teacher_accuracy`` when a teacher runs. ``stage_start`` is the
+    global step at which the current stage began (recipes' schedules count from there);
+    ``lr_schedule`` is evaluated at the stage step as well. Params outside
+    ``recipe.trainable`` keep their values and batch statistics exactly.
     """
     if recipe.uses_teacher and teacher is None:
         raise ValueError(f"method {recipe.name!r} needs a teacher model; none was given")
@@ -104,31 +152,47 @@ def make_train_step(student: ModelFns, recipe: Recipe, tx: optax.GradientTransfo
         aug_rng, dropout_rng, loss_rng = jax.random.split(rng, 3)
         x = pipeline(aug_rng, batch["image"], train=True)
         labels = batch["label"]
-        t_logits = t_feats = None
+        stage_step = state.step - stage_start
+        epoch = stage_step // steps_per_epoch if steps_per_epoch else jnp.zeros((), jnp.int32)
+        t_logits = t_feats = teacher_fn = None
         if recipe.uses_teacher:
-            t_logits, t_feats, _ = teacher.apply(teacher_variables, x, train=False)
-            t_logits, t_feats = jax.lax.stop_gradient((t_logits, t_feats))
+            def teacher_fn(inputs):
+                logits, feats, _ = teacher.apply(teacher_variables, inputs, train=False)
+                return jax.lax.stop_gradient((logits, feats))
+            t_logits, t_feats = teacher_fn(x)
 
         def loss_fn(params):
-            variables = {"params": params["student"], **state.model_state}
-            logits, feats, new_model_state = student.apply(variables, x, train=True, rng=dropout_rng)
-            per_example, parts = recipe.loss(LossInputs(
+            variables = {"params": params["student"], **state.model_state["student"]}
+            logits, feats, new_student_state = student.apply(variables, x, train=True, rng=dropout_rng)
+
+            def student_fn(inputs):
+                out_logits, out_feats, _ = student.apply(variables, inputs, train=True, rng=dropout_rng)
+                return out_logits, out_feats
+
+            out = recipe.loss(LossInputs(
                 student_logits=logits, student_features=feats, teacher_logits=t_logits,
-                teacher_features=t_feats, labels=labels, step=state.step,
-                aux_params=params["aux"], rng=loss_rng))
-            return jnp.mean(per_example), (new_model_state, parts, logits)
+                teacher_features=t_feats, labels=labels, step=state.step, aux_params=params["aux"],
+                aux_state=state.model_state["aux"], rng=loss_rng, stage_step=stage_step, epoch=epoch,
+                inputs=x, student_apply=student_fn, teacher_apply=teacher_fn))
+            per_example, parts = out[0], out[1]
+            new_aux_state = out[2] if len(out) > 2 else state.model_state["aux"]
+            return jnp.mean(per_example), ({"student": new_student_state, "aux": new_aux_state}, parts, logits)
 
         (loss, (new_model_state, parts, logits)), grads = jax.value_and_grad(
             loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        if recipe.trainable is not None:
+            params = _keep_frozen(trainable_mask(params, recipe.trainable), params, state.params)
+            new_model_state = _keep_frozen(state_mask(new_model_state, recipe.trainable), new_model_state,
+                                           state.model_state)
         metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
                    "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
         metrics.update({k: jnp.mean(v) for k, v in parts.items()})
         if t_logits is not None:
             metrics["teacher_accuracy"] = jnp.mean(jnp.argmax(t_logits, -1) == labels)
         if lr_schedule is not None:
-            metrics["lr"] = lr_schedule(state.step)
+            metrics["lr"] = lr_schedule(stage_step)
         new_state = state.replace(step=state.step + 1, params=params, model_state=new_model_state,
                                   opt_state=opt_state)
         return new_state, metrics

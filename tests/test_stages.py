@@ -1,0 +1,99 @@
+"""Multi-stage runs: frozen parameter groups stay bit-for-bit, resume in the middle of stage 2."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from orbax import checkpoint as ocp
+
+from jaxkd import config as config_lib
+from jaxkd import losses, models
+from jaxkd.train import checkpoint as ckpt_lib
+from jaxkd.train import recipes, step as step_lib
+from jaxkd.train.loop import train_and_evaluate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FROZEN = ("student/bn2", "student/conv2", "student/hidden", "student/fc")
+
+
+def _first_block_only():
+    """Trains only the stem block (conv1/bn1) on CE; everything after it is frozen."""
+    def loss(inp):
+        ce = losses.cross_entropy(inp.student_logits, inp.labels)
+        return ce, {"ce": ce}
+    return recipes.Recipe(name="first_block", loss=loss,
+                          trainable=lambda path: not path.startswith(FROZEN))
+
+
+@pytest.fixture
+def first_block_recipe(monkeypatch):
+    monkeypatch.setitem(recipes.RECIPES, "first_block", _first_block_only)
+
+
+def _config(**over):
+    c = config_lib.load_config(os.path.join(ROOT, "experiments/configs/digits.py"))
+    c.model.name, c.model.kwargs = "cnn", {"width": 8}
+    c.train.progress = c.train.tensorboard = False
+    c.stages = [{"name": "warm", "num_epochs": 1, "method": {"name": "first_block"}},
+                {"name": "main", "num_epochs": 2, "method": {"name": "ce"}, "optim": {"lr": 0.02}}]
+    c.train.checkpoint_every_steps = 5
+    return config_lib.apply_overrides(c, [f"{k}={v!r}" for k, v in over.items()])
+
+
+def _state(workdir):
+    mgr = ckpt_lib.run_manager(workdir)
+    r = mgr.restore(mgr.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    return mgr.latest_step(), jax.tree.map(np.asarray, r.state)
+
+
+def _flat(tree, prefix):
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {prefix + step_lib.param_path(p): v for p, v in flat}
+
+
+def test_frozen_groups_are_bit_for_bit(tmp_path, data_dir, first_block_recipe):
+    cfg = _config()
+    steps_per_epoch = 1500 // 64
+    wd = str(tmp_path / "a")
+    train_and_evaluate(cfg, wd, stop_after_steps=steps_per_epoch)  # exactly the end of stage "warm"
+    step, state = _state(wd)
+    assert step == steps_per_epoch
+    student = models.create_model("cnn", 10, width=8)
+    init = step_lib.create_train_state(jax.random.PRNGKey(cfg.seed), student, _first_block_only(),
+                                       __import__("optax").sgd(0.1), jnp.zeros((1, 8, 8, 1)))
+    before = {**_flat(init.params, ""), **_flat(init.model_state["student"], "student/")}
+    after = {**_flat(state["params"], ""), **_flat(state["model_state"]["student"], "student/")}
+    for path, value in before.items():
+        frozen = any(seg in path for seg in ("bn2", "conv2", "hidden", "fc"))
+        if frozen:
+            np.testing.assert_array_equal(after[path], np.asarray(value), err_msg=path)
+        else:
+            assert not np.array_equal(after[path], np.asarray(value)), f"{path} should have trained"
+    # the "main" stage then trains everything
+    train_and_evaluate(cfg, wd)
+    _, final = _state(wd)
+    assert not np.array_equal(final["params"]["student"]["fc"]["kernel"], state["params"]["student"]["fc"]["kernel"])
+
+
+def test_resume_in_the_middle_of_stage_two(tmp_path, data_dir, first_block_recipe):
+    cfg = _config()
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    train_and_evaluate(cfg, a)
+    steps_per_epoch = 1500 // 64
+    stop = 35  # a checkpoint step (every 5) inside stage "main" (steps 23..68)
+    assert steps_per_epoch < stop < 2 * steps_per_epoch
+    train_and_evaluate(cfg, b, stop_after_steps=stop)
+    assert _state(b)[0] == stop
+    summary = train_and_evaluate(cfg, b)
+    assert summary["steps"] == 3 * steps_per_epoch
+    jax.tree.map(np.testing.assert_array_equal, _state(a)[1], _state(b)[1])
+
+
+def test_bad_stage_spec(tmp_path, data_dir):
+    with pytest.raises(config_lib.ConfigError, match=r"stages\[1\].num_epochs"):
+        train_and_evaluate(_config(stages=[{"num_epochs": 1, "method": {"name": "ce"}}, {"num_epochs": 0}]),
+                           str(tmp_path / "x"))
+    with pytest.raises(config_lib.ConfigError, match=r"stages\[0\].method: unknown method 'cee'"):
+        train_and_evaluate(_config(stages=[{"num_epochs": 1, "method": {"name": "cee"}}]), str(tmp_path / "y"))
