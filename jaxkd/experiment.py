@@ -2,7 +2,8 @@
 
 ``compare(config, workdir)`` trains (or resumes, or reuses when finished)
 
-* ``WORKDIR/teacher``: ``config.teacher`` with cross-entropy,
+* ``WORKDIR/teacher``: ``config.teacher`` with cross-entropy (or the finished teacher in
+  ``config.teacher.workdir`` when that is set),
 * ``WORKDIR/baseline/seed<k>``: ``config.model`` with cross-entropy,
 * ``WORKDIR/<method>[_<sweep point>]/seed<k>``: ``config.model`` distilled with ``config.method``,
 
@@ -84,9 +85,19 @@ def compare(config: ml_collections.ConfigDict, workdir: str, seeds: Iterable[int
     config.train.progress = progress
     runs: dict[str, list[dict]] = {}
 
-    teacher_dir = os.path.join(workdir, "teacher")
-    _announce("teacher", config.teacher.name)
-    runs["teacher"] = [train_and_evaluate(teacher_config(config), teacher_dir)]
+    if config.teacher.workdir:  # reuse a teacher trained elsewhere (e.g. by another comparison)
+        teacher_dir = os.path.abspath(config.teacher.workdir)
+        _announce(f"teacher (reused from {teacher_dir})", config.teacher.name)
+        summary_path = os.path.join(teacher_dir, "summary.json")
+        if not os.path.exists(summary_path):
+            raise config_lib.ConfigError(f"config.teacher.workdir={teacher_dir!r} holds no finished run "
+                                         "(no summary.json); train the teacher first or unset it")
+        with open(summary_path) as f:
+            runs["teacher"] = [json.load(f)]
+    else:
+        teacher_dir = os.path.join(workdir, "teacher")
+        _announce("teacher", config.teacher.name)
+        runs["teacher"] = [train_and_evaluate(teacher_config(config), teacher_dir)]
     for seed in seeds:
         _announce(f"baseline seed {seed}", config.model.name)
         runs.setdefault("baseline", []).append(
@@ -110,7 +121,7 @@ def compare(config: ml_collections.ConfigDict, workdir: str, seeds: Iterable[int
     table = format_table(rows, config)
     with open(os.path.join(workdir, "results.md"), "w") as f:
         f.write(table + "\n")
-    plot_curves(workdir, list(runs))
+    plot_curves(workdir, list(runs), teacher_dir)
     return rows
 
 
@@ -128,7 +139,7 @@ def format_table(rows: list[dict], config=None) -> str:
     return head + "\n".join(lines)
 
 
-def plot_curves(workdir: str, names: list[str]) -> str | None:
+def plot_curves(workdir: str, names: list[str], teacher_dir: str | None = None) -> str | None:
     """Eval-accuracy learning curves of every run (mean over seeds) into ``curves.png``."""
     try:
         import matplotlib
@@ -138,7 +149,9 @@ def plot_curves(workdir: str, names: list[str]) -> str | None:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name in names:
-        base = os.path.join(workdir, name)
+        base = teacher_dir if (name == "teacher" and teacher_dir) else os.path.join(workdir, name)
+        if not os.path.isdir(base):
+            continue
         dirs = [base] if name == "teacher" else [os.path.join(base, d) for d in sorted(os.listdir(base))]
         curves = []
         for d in dirs:

@@ -61,6 +61,14 @@ def test_train_eval_compare(capsys, tmp_path, data_dir):
     assert "| teacher | cnn |" in out and "| baseline | mlp |" in out and "| hinton_kd | mlp |" in out
     for name in ("results.md", "results.json", "curves.png"):
         assert os.path.exists(os.path.join(cw, name))
+    # a second comparison (limited data) reuses the finished teacher instead of training one
+    cw2 = str(tmp_path / "c2")
+    code, out, _ = _main(capsys, "compare", "--config", DIGITS, "--workdir", cw2, "--no-progress", *common,
+                         f"teacher.workdir={os.path.join(cw, 'teacher')}", "data.num_train_examples=300")
+    assert code == 0 and not os.path.exists(os.path.join(cw2, "teacher"))
+    assert "train examples: 300" in out
+    rows = json.load(open(os.path.join(cw2, "results.json")))
+    assert rows[0]["best_mean"] == json.load(open(os.path.join(cw, "results.json")))[0]["best_mean"]
 
 
 def test_console_script_installed():
