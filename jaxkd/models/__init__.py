@@ -48,6 +48,7 @@ module; its variables come back as ``{"params", "model_state"}``).
 
 from jaxkd.models.base import ModelFns, count_params, from_linen
 from jaxkd.models.nnx_adapter import from_nnx
-from jaxkd.models.registry import create_model, list_models
+from jaxkd.models.registry import create_model, list_models, register_model
 
-__all__ = ["ModelFns", "count_params", "create_model", "from_linen", "from_nnx", "list_models"]
+__all__ = ["ModelFns", "count_params", "create_model", "from_linen", "from_nnx", "list_models",
+           "register_model"]

@@ -15,7 +15,7 @@ from jaxkd.models.resnet import CIFAR_WIDTHS, X4_WIDTHS, CifarResNet
 from jaxkd.models.small import MLP, SmallCNN
 from jaxkd.models.wrn import WideResNet
 
-__all__ = ["create_model", "list_models"]
+__all__ = ["create_model", "list_models", "register_model"]
 
 DTypeLike = Any
 
@@ -104,6 +104,20 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+def register_model(name: str, builder: Callable[..., Any], *, overwrite: bool = False) -> None:
+    """Makes ``name`` available to :func:`create_model` and to configs (``model.name``).
+
+    ``builder(num_classes, **kwargs)`` returns a Linen module (``__call__(x, train)`` giving
+    logits or ``(logits, features)``) or a ready :class:`ModelFns` (e.g. the first element of
+    :func:`~jaxkd.models.from_nnx` for an NNX model).
+    """
+    if name in _REGISTRY and not overwrite:
+        raise ValueError(f"model {name!r} is already registered; pass overwrite=True to replace it")
+    if "num_classes" not in inspect.signature(builder).parameters:
+        raise ValueError(f"builder for {name!r} must take num_classes as its first argument")
+    _REGISTRY[name] = builder
+
+
 def list_models() -> list[str]:
     """Names accepted by :func:`create_model`, sorted."""
     return sorted(_REGISTRY)
@@ -151,4 +165,5 @@ def create_model(name: str, num_classes: int, **kwargs: Any) -> ModelFns:
             f"unknown model {name!r}.{hint} Available models: {', '.join(list_models())}"
         )
     _check_kwargs(name, builder, kwargs)
-    return from_linen(builder(num_classes, **kwargs), name)
+    built = builder(num_classes, **kwargs)
+    return built if isinstance(built, ModelFns) else from_linen(built, name)
