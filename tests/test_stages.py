@@ -97,3 +97,22 @@ def test_bad_stage_spec(tmp_path, data_dir):
                            str(tmp_path / "x"))
     with pytest.raises(config_lib.ConfigError, match=r"stages\[0\].method: unknown method 'cee'"):
         train_and_evaluate(_config(stages=[{"num_epochs": 1, "method": {"name": "cee"}}]), str(tmp_path / "y"))
+
+
+def test_params_feeding_a_tap():
+    """Gradient dependence finds exactly the layers before a tap (resnet8: stem, stage1, stage2)."""
+    student = models.create_model("resnet8", 10)
+    sample = jnp.zeros((1, 16, 16, 3))
+    variables = student.init(jax.random.PRNGKey(0), sample)
+    feeding = step_lib.params_feeding(student, variables, sample, "stage2")
+    tops = {p.split("/")[1] for p in feeding}
+    assert tops == {"stem_conv", "stem_bn", "stage1_block0", "stage2_block0"}
+    every = {"student/" + step_lib.param_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(
+        variables["params"])[0] if step_lib.param_path(p).startswith(("stem", "stage1", "stage2"))}
+    assert feeding == every
+    recipe = step_lib.resolve_trainable(recipes.Recipe("x", loss=None, train_up_to="stage2"), student,
+                                        variables, sample)
+    assert recipe.trainable("aux/regressor/conv/kernel") and recipe.trainable("student/stage1_block0/conv_a/kernel")
+    assert not recipe.trainable("student/stage3_block0/conv_a/kernel") and not recipe.trainable("student/fc/kernel")
+    with pytest.raises(ValueError, match="no feature 'stage9'"):
+        step_lib.params_feeding(student, variables, sample, "stage9")

@@ -248,6 +248,9 @@ def _train(config, workdir, mesh, allow_config_change, stop_after_steps):
     state = step_lib.create_train_state(jax.random.PRNGKey(config.seed), student, stage_recipes,
                                         optimizers[0][0], sample, teacher=teacher, teacher_variables=teacher_vars)
 
+    stage_recipes = [step_lib.resolve_trainable(r, student, state.student_variables(), sample)
+                     for r in stage_recipes]
+
     def state_template(step: int):
         tx = optimizers[_stage_of_checkpoint(stages, step)][0]
         return jax.device_put(state.replace(opt_state=tx.init(state.params)), step_lib.replicated(mesh))

@@ -75,6 +75,9 @@ class Recipe:
         ``"student/stage1/conv1/kernel"`` or ``"aux/regressor/Conv_0/kernel"``; params for
         which it is False get no update and their batch statistics stay as they are
         (bit-for-bit frozen). ``None`` trains everything.
+      train_up_to: name of a student feature tap (e.g. ``"stage2"``): only the student params
+        that feed that feature train, plus all auxiliary modules (FitNets' hint stage). The
+        loop resolves it into ``trainable`` from the model by gradient dependence.
     """
 
     name: str
@@ -82,6 +85,7 @@ class Recipe:
     uses_teacher: bool = False
     init_aux: Callable[..., Any] | None = None
     trainable: Callable[[str], bool] | None = None
+    train_up_to: str | None = None
 
 
 def make_weight_schedule(spec: Any) -> Callable[[Array], Array]:

@@ -127,6 +127,37 @@ def state_mask(model_state, predicate: Callable[[str], bool] | None):
     return jax.tree_util.tree_map_with_path(leaf, model_state)
 
 
+def params_feeding(student: ModelFns, variables, sample_input, tap: str) -> frozenset[str]:
+    """Paths (``"student/..."``) of the student params on which feature ``tap`` depends.
+
+    Found by gradient dependence on a random input: a param whose gradient of
+    ``sum(feature**2)`` is identically zero lies after the tap (or is unused).
+    """
+    import numpy as np
+
+    params = variables["params"]
+    rest = {k: v for k, v in variables.items() if k != "params"}
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, *sample_input.shape[1:]), jnp.float32)
+
+    def f(p):
+        _, feats, _ = student.apply({"params": p, **rest}, x, train=False)
+        if tap not in feats:
+            raise ValueError(f"model {student.name!r} has no feature {tap!r}; it has {sorted(feats)}")
+        return jnp.sum(jnp.square(feats[tap].astype(jnp.float32)))
+
+    grads = jax.grad(f)(params)
+    flat, _ = jax.tree_util.tree_flatten_with_path(grads)
+    return frozenset("student/" + param_path(p) for p, g in flat if np.any(np.asarray(g) != 0))
+
+
+def resolve_trainable(recipe: Recipe, student: ModelFns, variables, sample_input) -> Recipe:
+    """Turns ``recipe.train_up_to`` into a ``trainable`` predicate (see :class:`Recipe`)."""
+    if recipe.train_up_to is None:
+        return recipe
+    feeding = params_feeding(student, variables, sample_input, recipe.train_up_to)
+    return dataclasses.replace(recipe, trainable=lambda path: path.startswith("aux/") or path in feeding)
+
+
 def _keep_frozen(mask, new, old):
     return jax.tree.map(lambda m, n, o: n if m else o, mask, new, old)
 
