@@ -1,0 +1,400 @@
+"""Boundary-supporting samples (BSS): Heo et al., "Knowledge Distillation with Adversarial
+Samples Supporting Decision Boundary" (arXiv 1805.05532).
+
+BSS moves correctly classified training samples towards the teacher's decision boundary and
+distils the teacher's outputs on those boundary-supporting samples into the student.
+
+Generator (:func:`boundary_supporting_samples`)
+------------------------------------------------
+1. **Base samples.** A sample qualifies when teacher argmax == student argmax == label. Its
+   score is ``sum_{c != y} (p_t,c - p_s,c)**2`` (softmaxes at temperature 1; the sum leaves
+   out the label class ``y``, as in the reference, see ``references.md``). The ``k =
+   min(max_base_samples, B)`` highest-scoring qualifying samples are the base samples. Shapes
+   must be static, so ``k`` rows are always returned with ``valid_mask`` False on rows that do
+   not qualify (fewer than ``k`` samples qualified; those rows are the lowest-index
+   non-qualifying samples and are returned unchanged). Ties go to the lower batch index.
+2. **Target class.** Per base sample, ``target ~ p_t`` restricted to the classes other than
+   the base class (the teacher's top class) and renormalised, drawn with ``rng``.
+3. **Iteration** on the teacher's logits ``f`` (base class ``b``, target ``t``)::
+
+       x <- clip(x + eta * (f_b - f_t + eps) * g / ||g||_2, clip_min, clip_max),
+       g = grad_x (f_t - f_b)      (per-sample L2 norm over all non-batch axes)
+
+   with no epsilon-ball. One ``jax.lax.while_loop`` runs over the ``k`` rows with a per-row
+   ``active`` mask. Each pass makes one ``jax.vjp`` of the teacher over all ``k`` rows (the
+   cotangent ``onehot(t) - onehot(b)`` per row, i.e. the gradient of ``sum_rows (f_t - f_b)``,
+   so each row gets its own gradient since rows do not interact in an eval-mode network) and
+   then, for each active row, in this order:
+
+   * the teacher's argmax at the current ``x`` is no longer ``b``: the row stops, reason
+     :data:`STOP_TARGET` if the argmax is ``t``, else :data:`STOP_OTHER`;
+   * otherwise, if it has already taken ``max_iters`` steps: it stops, :data:`STOP_MAX_ITERS`;
+   * otherwise it takes the step above (its ``iterations`` count goes up by one).
+
+   So a row that crosses the boundary on its last allowed step is reported as having reached
+   the target/other class, not the cap. The loop ends when no row is active (at most
+   ``max_iters + 1`` passes). Rows that are inactive or not valid never change; rows that are
+   not valid get :data:`STOP_INVALID` and 0 iterations. If ``||g|| == 0`` the step is zero.
+
+The teacher runs in inference mode (the caller's ``teacher_apply``), its variables are
+``stop_gradient``-ed, and so is the returned ``x_adv`` (the student trains on it as data).
+
+Compilation: :func:`boundary_supporting_samples` is ``jax.jit``-ed with ``teacher_apply``,
+``options`` and ``row_sharding`` static; it compiles once per (teacher_apply, options, input
+shapes/dtypes/shardings): data, the number of iterations taken and the active sets never
+retrace. Pass the *same* ``teacher_apply`` object on every call (a fresh ``lambda`` per call
+is a new static argument and retraces).
+
+Sharding: everything is batch-parallel except the top-k, which is **global over the batch**
+(the ``k`` base samples are chosen among all ``B`` samples across all devices, not per shard),
+so a ``data``-sharded call gives the same result as an unsharded one. The ``k`` gathered rows
+are laid out by the compiler unless ``row_sharding`` (e.g.
+``NamedSharding(mesh, P("data"))``) is given, which constrains them so the while loop runs
+split over the devices (``k`` should then be a multiple of the mesh size).
+
+Student loss (:func:`bss_loss`)
+-------------------------------
+``CE(clean) + r * softCE_T(clean) + r_adv * softCE_T(adversarial)`` with ``T = 3`` and no
+``T**2`` factor, ``softCE_T(s, t) = -sum_c softmax(t/T)_c log softmax(s/T)_c`` and
+``r, r_adv = bss_weights(epoch, num_epochs)``. The clean terms are averaged over the batch,
+the adversarial term over the valid adversarial rows (``valid_mask``; zero when none).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxkd.losses.logits import cross_entropy, soft_cross_entropy
+
+Array = jax.Array
+
+__all__ = [
+    "BSSLossTerms",
+    "BSSOptions",
+    "BSSResult",
+    "STOP_INVALID",
+    "STOP_MAX_ITERS",
+    "STOP_OTHER",
+    "STOP_REASON_NAMES",
+    "STOP_TARGET",
+    "boundary_supporting_samples",
+    "bss_loss",
+    "bss_statistics",
+    "bss_weights",
+    "sample_target_classes",
+    "select_base_samples",
+]
+
+#: Stop reason: the teacher's argmax moved from the base class to the sampled target class.
+STOP_TARGET = 0
+#: Stop reason: the teacher's argmax moved from the base class to a class other than the target.
+STOP_OTHER = 1
+#: Stop reason: ``max_iters`` steps taken and the teacher still predicts the base class.
+STOP_MAX_ITERS = 2
+#: Stop reason: the row is not a valid base sample (``valid_mask`` False); it is unchanged.
+STOP_INVALID = 3
+#: Names of the stop reasons by code (used by :func:`bss_statistics`).
+STOP_REASON_NAMES = ("target", "other", "max_iters", "invalid")
+
+
+@dataclasses.dataclass(frozen=True)
+class BSSOptions:
+    """Hyper-parameters of the BSS generator (defaults from the paper's CIFAR setup).
+
+    Attributes:
+      step_size: ``eta``.
+      max_iters: maximal number of steps per sample.
+      clip_min, clip_max: ``x`` is clamped to ``[clip_min, clip_max]`` after every step
+        (the range of the normalised inputs).
+      max_base_samples: at most this many base samples (``k = min(max_base_samples, B)``).
+      eps: the ``+eps`` in the step size ``eta * (f_b - f_t + eps)``.
+    """
+
+    step_size: float = 0.3
+    max_iters: int = 10
+    clip_min: float = -2.5
+    clip_max: float = 2.5
+    max_base_samples: int = 64
+    eps: float = 1e-4
+
+    def __post_init__(self) -> None:
+        if not self.step_size > 0:
+            raise ValueError(f"step_size must be > 0; got {self.step_size}")
+        if isinstance(self.max_iters, bool) or not isinstance(self.max_iters, (int, np.integer)) \
+                or self.max_iters < 0:
+            raise ValueError(f"max_iters must be an int >= 0; got {self.max_iters!r}")
+        if not self.clip_min < self.clip_max:
+            raise ValueError(f"need clip_min < clip_max; got [{self.clip_min}, {self.clip_max}]")
+        if isinstance(self.max_base_samples, bool) \
+                or not isinstance(self.max_base_samples, (int, np.integer)) \
+                or self.max_base_samples < 1:
+            raise ValueError(f"max_base_samples must be an int >= 1; got {self.max_base_samples!r}")
+        if not self.eps >= 0:
+            raise ValueError(f"eps must be >= 0; got {self.eps}")
+
+
+class BSSResult(NamedTuple):
+    """Output of :func:`boundary_supporting_samples`; every field has ``k`` rows.
+
+    Attributes:
+      x_adv: ``[k, ...]`` the boundary-supporting samples (``stop_gradient``-ed); rows with
+        ``valid_mask`` False are the unchanged inputs ``x[base_index]``.
+      base_index: ``[k]`` int32 index into the input batch of each row.
+      target_class: ``[k]`` int32 sampled target class (never the base class).
+      valid_mask: ``[k]`` bool, the row is a qualifying base sample.
+      iterations: ``[k]`` int32 number of steps taken.
+      stop_reason: ``[k]`` int32, one of :data:`STOP_TARGET`, :data:`STOP_OTHER`,
+        :data:`STOP_MAX_ITERS`, :data:`STOP_INVALID`.
+      base_class: ``[k]`` int32 the teacher's argmax on the clean input (equals the label on
+        valid rows).
+      teacher_logits: ``[k, C]`` the teacher's logits at ``x_adv`` (computed by the last pass
+        that saw the row; ``stop_gradient``-ed), ready for the adversarial distillation term.
+    """
+
+    x_adv: Array
+    base_index: Array
+    target_class: Array
+    valid_mask: Array
+    iterations: Array
+    stop_reason: Array
+    base_class: Array
+    teacher_logits: Array
+
+
+def _softmax32(logits: Array) -> Array:
+    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+
+
+def select_base_samples(teacher_logits: Array, student_logits: Array, labels: Array,
+                        k: int) -> tuple[Array, Array, Array]:
+    """Top-``k`` base samples over the whole batch.
+
+    Returns ``(index [k] int32, valid [k] bool, score [B] float32)`` where
+    ``score = sum_{c != label} (p_t - p_s)**2`` on qualifying samples (teacher argmax ==
+    student argmax == label) and ``-inf`` elsewhere. Ties (including the ``-inf`` rows) go to
+    the lower index.
+    """
+    p_t, p_s = _softmax32(teacher_logits), _softmax32(student_logits)
+    num_classes = teacher_logits.shape[-1]
+    not_label = 1.0 - jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+    score = jnp.sum(not_label * (p_t - p_s) ** 2, axis=-1)
+    qualifies = (jnp.argmax(teacher_logits, -1) == labels) & (jnp.argmax(student_logits, -1) == labels)
+    score = jnp.where(qualifies, score, -jnp.inf)
+    _, index = jax.lax.top_k(score, k)
+    index = index.astype(jnp.int32)
+    return index, qualifies[index], score
+
+
+def sample_target_classes(rng: Array, teacher_logits: Array, base_class: Array) -> Array:
+    """Draws ``target ~ softmax(teacher_logits)`` restricted to classes ``!= base_class``.
+
+    Masking the base logit to ``-inf`` and sampling is the same as renormalising the other
+    classes' probabilities. Returns ``[rows]`` int32.
+    """
+    logits = teacher_logits.astype(jnp.float32)
+    is_base = jax.nn.one_hot(base_class, logits.shape[-1], dtype=jnp.bool_)
+    logits = jnp.where(is_base, -jnp.inf, logits)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def _per_row(v: Array, like: Array) -> Array:
+    """Reshapes ``[k]`` to broadcast against ``[k, ...]``."""
+    return v.reshape(v.shape + (1,) * (like.ndim - 1))
+
+
+@functools.partial(jax.jit, static_argnames=("teacher_apply", "options", "row_sharding"))
+def boundary_supporting_samples(teacher_apply: Callable[[Any, Array], Array], teacher_variables: Any,
+                                x: Array, labels: Array, student_logits: Array, rng: Array,
+                                options: BSSOptions = BSSOptions(),
+                                row_sharding: jax.sharding.Sharding | None = None) -> BSSResult:
+    """Generates boundary-supporting samples (see the module docstring for the algorithm).
+
+    Args:
+      teacher_apply: ``teacher_apply(variables, x) -> logits [B, C]``, the teacher in
+        inference mode (e.g. ``lambda v, x: fns.apply(v, x, False)[0]``, defined once).
+        Static: must be hashable, and the same object across calls to avoid retracing.
+      teacher_variables: the teacher's variables (not differentiated).
+      x: ``[B, ...]`` floating inputs (already normalised).
+      labels: ``[B]`` integer labels.
+      student_logits: ``[B, C]`` the student's logits on ``x`` (only their argmax and softmax
+        are used; not differentiated).
+      rng: PRNG key for the target classes.
+      options: :class:`BSSOptions` (static).
+      row_sharding: optional static sharding for the ``k`` gathered rows (see module docstring).
+
+    Returns:
+      :class:`BSSResult` with ``k = min(options.max_base_samples, B)`` rows.
+    """
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"x must be floating-point (normalised inputs); got {x.dtype}")
+    if labels.ndim != 1 or labels.shape[0] != x.shape[0]:
+        raise ValueError(f"labels must have shape [{x.shape[0]}]; got {labels.shape}")
+    if student_logits.ndim != 2 or student_logits.shape[0] != x.shape[0]:
+        raise ValueError(f"student_logits must have shape [{x.shape[0]}, C]; got {student_logits.shape}")
+    opts = options
+    variables = jax.lax.stop_gradient(teacher_variables)
+    x = jax.lax.stop_gradient(x)
+    student_logits = jax.lax.stop_gradient(student_logits)
+    k = min(opts.max_base_samples, x.shape[0])
+
+    def teacher(z):
+        return teacher_apply(variables, z)
+
+    # 1. base samples (global top-k over the batch).
+    t_logits = teacher(x)
+    if t_logits.shape != student_logits.shape:
+        raise ValueError(f"teacher logits {t_logits.shape} and student_logits "
+                         f"{student_logits.shape} differ in shape")
+    index, valid, _ = select_base_samples(t_logits, student_logits, labels, k)
+    rows_x = x[index]
+    rows_logits = t_logits[index]
+    base = jnp.argmax(rows_logits, axis=-1).astype(jnp.int32)
+    # 2. target classes.
+    target = sample_target_classes(rng, rows_logits, base)
+
+    if row_sharding is not None:
+        rows_x, rows_logits, base, target, valid = (
+            jax.lax.with_sharding_constraint(a, row_sharding)
+            for a in (rows_x, rows_logits, base, target, valid))
+
+    num_classes = rows_logits.shape[-1]
+    cotangent = (jax.nn.one_hot(target, num_classes, dtype=rows_logits.dtype)
+                 - jax.nn.one_hot(base, num_classes, dtype=rows_logits.dtype))
+    reduce_axes = tuple(range(1, x.ndim))
+
+    # 3. one while loop over the k rows.
+    def cond(state):
+        return jnp.any(state[1])
+
+    def body(state):
+        xs, active, iters, reason, last_logits = state
+        f, vjp_fn = jax.vjp(teacher, xs)
+        (g,) = vjp_fn(cotangent.astype(f.dtype))  # grad_x sum_rows (f_t - f_b)
+        pred = jnp.argmax(f, axis=-1).astype(jnp.int32)
+        crossed = active & (pred != base)
+        capped = active & ~crossed & (iters >= opts.max_iters)
+        stepping = active & ~crossed & ~capped
+        f32 = f.astype(jnp.float32)
+        f_b = jnp.take_along_axis(f32, base[:, None], axis=-1)[:, 0]
+        f_t = jnp.take_along_axis(f32, target[:, None], axis=-1)[:, 0]
+        g32 = g.astype(jnp.float32)
+        norm = jnp.sqrt(jnp.sum(g32 * g32, axis=reduce_axes))
+        scale = opts.step_size * (f_b - f_t + opts.eps) / jnp.where(norm > 0, norm, 1.0)
+        stepped = jnp.clip(xs.astype(jnp.float32) + _per_row(scale, g32) * g32,
+                           opts.clip_min, opts.clip_max).astype(xs.dtype)
+        xs = jnp.where(_per_row(stepping, xs), stepped, xs)
+        reason = jnp.where(crossed, jnp.where(pred == target, STOP_TARGET, STOP_OTHER), reason)
+        reason = jnp.where(capped, STOP_MAX_ITERS, reason)
+        last_logits = jnp.where(active[:, None], f.astype(last_logits.dtype), last_logits)
+        iters = iters + stepping.astype(jnp.int32)
+        return xs, stepping, iters, reason, last_logits
+
+    init = (rows_x, valid, jnp.zeros((k,), jnp.int32),
+            jnp.where(valid, STOP_MAX_ITERS, STOP_INVALID).astype(jnp.int32), rows_logits)
+    x_adv, _, iterations, reason, final_logits = jax.lax.while_loop(cond, body, init)
+    return BSSResult(
+        x_adv=jax.lax.stop_gradient(x_adv), base_index=index, target_class=target,
+        valid_mask=valid, iterations=iterations, stop_reason=reason, base_class=base,
+        teacher_logits=jax.lax.stop_gradient(final_logits))
+
+
+def bss_statistics(result: BSSResult) -> dict[str, Any]:
+    """Host-side summary of a :class:`BSSResult` for reports (plain Python numbers).
+
+    Keys: ``num_rows``; ``num_valid``; ``target_fraction`` / ``other_fraction`` /
+    ``max_iters_fraction``: fraction of the *valid* rows stopping for each reason (0.0 when
+    there is no valid row); ``mean_iterations``: mean steps over the valid rows (0.0 when
+    none); ``stop_reasons``: histogram ``{name: count}`` over all rows, names from
+    :data:`STOP_REASON_NAMES`.
+    """
+    valid = np.asarray(jax.device_get(result.valid_mask)).astype(bool)
+    reason = np.asarray(jax.device_get(result.stop_reason))
+    iters = np.asarray(jax.device_get(result.iterations))
+    n_valid = int(valid.sum())
+    denom = max(n_valid, 1)
+    hist = {name: int(np.sum(reason == code)) for code, name in enumerate(STOP_REASON_NAMES)}
+    return {
+        "num_rows": int(valid.shape[0]),
+        "num_valid": n_valid,
+        "target_fraction": float(np.sum(valid & (reason == STOP_TARGET)) / denom),
+        "other_fraction": float(np.sum(valid & (reason == STOP_OTHER)) / denom),
+        "max_iters_fraction": float(np.sum(valid & (reason == STOP_MAX_ITERS)) / denom),
+        "mean_iterations": float(iters[valid].mean()) if n_valid else 0.0,
+        "stop_reasons": hist,
+    }
+
+
+def bss_weights(epoch, num_epochs=80) -> tuple[Array, Array]:
+    """Loss weights of the BSS schedule: ``r = 3 (1 - e/E) + 1``,
+    ``r_adv = max(2 (1 - 4e / (3E)), 0)`` (``r_adv`` is zero from ``e = 3E/4`` on).
+
+    ``epoch`` is used as given (it may be fractional or traced); with 0-based epochs the first
+    epoch gets ``r = 4``, ``r_adv = 2``.
+    """
+    e = jnp.asarray(epoch, jnp.float32)
+    total = jnp.asarray(num_epochs, jnp.float32)
+    r = 3.0 * (1.0 - e / total) + 1.0
+    r_adv = jnp.maximum(2.0 * (1.0 - 4.0 * e / (3.0 * total)), 0.0)
+    return r, r_adv
+
+
+class BSSLossTerms(NamedTuple):
+    """Pieces of the BSS student loss (see :func:`bss_loss`).
+
+    Attributes:
+      total: scalar, ``mean(clean) + r_adv * adversarial_mean``.
+      clean: ``[B]`` per example ``CE + r * softCE_T`` on the clean batch.
+      adversarial: ``[k]`` per adversarial row ``softCE_T``, zero on rows not in ``adv_mask``.
+      adversarial_mean: scalar, mean of ``adversarial`` over the rows in ``adv_mask`` (0 if none).
+      r, r_adv: the weights from :func:`bss_weights`.
+    """
+
+    total: Array
+    clean: Array
+    adversarial: Array
+    adversarial_mean: Array
+    r: Array
+    r_adv: Array
+
+
+def _soft_ce_t(student_logits: Array, teacher_logits: Array, temperature: float) -> Array:
+    t = jax.lax.stop_gradient(teacher_logits).astype(jnp.float32) / temperature
+    s = student_logits.astype(jnp.float32) / temperature
+    return soft_cross_entropy(s, jax.nn.softmax(t, axis=-1))
+
+
+def bss_loss(student_logits: Array, teacher_logits: Array, labels: Array,
+             student_adv_logits: Array, teacher_adv_logits: Array, adv_mask: Array,
+             epoch, num_epochs=80, temperature: float = 3.0) -> BSSLossTerms:
+    """The BSS student loss ``CE + r softCE_T(clean) + r_adv softCE_T(adversarial)``.
+
+    ``softCE_T(s, t) = -sum_c softmax(t/T)_c log softmax(s/T)_c`` with no ``T**2`` factor; the
+    teacher logits are not differentiated. The clean terms are per example (``[B]``, averaged
+    in ``total``); the adversarial term is averaged over the valid adversarial rows
+    (``adv_mask``, e.g. :attr:`BSSResult.valid_mask`), and is zero when no row is valid.
+
+    Args:
+      student_logits, teacher_logits: ``[B, C]`` on the clean batch.
+      labels: ``[B]`` integer labels.
+      student_adv_logits, teacher_adv_logits: ``[k, C]`` on the BSS samples (e.g.
+        ``BSSResult.teacher_logits`` for the teacher).
+      adv_mask: ``[k]`` bool.
+      epoch, num_epochs: for :func:`bss_weights`.
+      temperature: ``T`` (3 in the paper).
+    """
+    r, r_adv = bss_weights(epoch, num_epochs)
+    clean = cross_entropy(student_logits, labels) + r * _soft_ce_t(student_logits, teacher_logits,
+                                                                    temperature)
+    mask = adv_mask.astype(jnp.float32)
+    adversarial = jnp.where(adv_mask, _soft_ce_t(student_adv_logits, teacher_adv_logits, temperature),
+                            0.0)
+    adversarial_mean = jnp.sum(adversarial) / jnp.maximum(jnp.sum(mask), 1.0)
+    total = jnp.mean(clean) + r_adv * adversarial_mean
+    return BSSLossTerms(total=total, clean=clean, adversarial=adversarial,
+                        adversarial_mean=adversarial_mean, r=r, r_adv=r_adv)
