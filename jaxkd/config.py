@@ -110,7 +110,8 @@ _ALIASES = {"learning_rate": "lr", "epochs": "num_epochs", "wd": "weight_decay",
 
 def _open_dict(prefix: list[str]) -> bool:
     # Free-form dicts whose keys are not known in advance.
-    return bool(prefix) and prefix[-1] in ("kwargs", "builder_kwargs", "augment")
+    # (``method`` takes the options of whichever method is chosen)
+    return bool(prefix) and prefix[-1] in ("kwargs", "builder_kwargs", "augment", "method")
 
 
 def _require(cond: bool, key: str, msg: str, value: Any) -> None:
@@ -174,7 +175,7 @@ def _uses_teacher(method_name: str) -> bool:
 
 
 def method_options(method: ml_collections.ConfigDict) -> dict:
-    """``config.method`` as keyword options for its recipe (drops keys it does not take)."""
+    """``config.method`` as keyword options for its recipe."""
     import inspect
 
     from jaxkd.train.recipes import RECIPES
@@ -184,4 +185,7 @@ def method_options(method: ml_collections.ConfigDict) -> dict:
     if name not in RECIPES:
         return method
     accepted = set(inspect.signature(RECIPES[name]).parameters)
-    return {"name": name, **{k: v for k, v in method.items() if k in accepted}}
+    # The shared defaults of base_config().method (temperature, alpha, ...) are dropped for
+    # methods that do not take them; any other key must be one the method takes.
+    shared = set(base_config().method.keys())
+    return {"name": name, **{k: v for k, v in method.items() if k in accepted or k not in shared}}

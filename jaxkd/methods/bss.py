@@ -398,3 +398,43 @@ def bss_loss(student_logits: Array, teacher_logits: Array, labels: Array,
     total = jnp.mean(clean) + r_adv * adversarial_mean
     return BSSLossTerms(total=total, clean=clean, adversarial=adversarial,
                         adversarial_mean=adversarial_mean, r=r, r_adv=r_adv)
+
+
+def bss_recipe(temperature: float = 3.0, num_epochs: int | None = None, step_size: float = 0.3, max_iters: int = 10,
+               max_base_samples: int = 64, clip_min: float = -2.5, clip_max: float = 2.5):
+    """BSS as a jaxkd recipe: the generator runs inside the jitted train step.
+
+    Per step: the teacher's and student's clean logits select base samples, the
+    ``while_loop`` generator attacks the teacher (same augmented view), the student runs on the
+    adversarial rows (train mode; their batch-stat updates are discarded) and the loss is
+    ``CE + r softCE_T(clean) + r_adv softCE_T(adversarial)`` with the paper's schedules over
+    ``num_epochs`` (default: the length of the stage, as the paper's 80 of 80). Metrics: ``bss_valid`` (base samples found),
+    ``bss_target`` (fraction of them reaching the target class), ``bss_iters`` (mean
+    iterations), as batch values.
+    """
+    from jaxkd.train.recipes import Recipe
+
+    options = BSSOptions(step_size=step_size, max_iters=max_iters, clip_min=clip_min, clip_max=clip_max,
+                         max_base_samples=max_base_samples)
+
+    def teacher_logits_fn(teacher_apply, _, x):
+        return teacher_apply(x)[0]
+
+    def loss(inp):
+        result = boundary_supporting_samples(
+            functools.partial(teacher_logits_fn, inp.teacher_apply), None, inp.inputs, inp.labels,
+            jax.lax.stop_gradient(inp.student_logits), inp.rng, options)
+        student_adv_logits, _ = inp.student_apply(result.x_adv)
+        terms = bss_loss(inp.student_logits, inp.teacher_logits, inp.labels, student_adv_logits,
+                         result.teacher_logits, result.valid_mask, inp.epoch,
+                         num_epochs or inp.num_epochs or 80, temperature)
+        valid = result.valid_mask.astype(jnp.float32)
+        n_valid = jnp.maximum(jnp.sum(valid), 1.0)
+        per_example = terms.clean + terms.r_adv * terms.adversarial_mean
+        parts = {"clean": terms.clean, "adversarial": terms.adversarial_mean,
+                 "bss_valid": jnp.sum(valid),
+                 "bss_target": jnp.sum(valid * (result.stop_reason == STOP_TARGET)) / n_valid,
+                 "bss_iters": jnp.sum(valid * result.iterations) / n_valid}
+        return per_example, parts
+
+    return Recipe(name="bss", loss=loss, uses_teacher=True)

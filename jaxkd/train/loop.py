@@ -323,7 +323,7 @@ def _train(config, workdir, mesh, allow_config_change, stop_after_steps):
                 state_stage = stage.index
             train_step = step_lib.make_train_step(student, recipe, tx, pipeline, teacher=teacher, mesh=mesh,
                                                   lr_schedule=lr_schedule, steps_per_epoch=steps_per_epoch,
-                                                  stage_start=stage.start)
+                                                  stage_start=stage.start, num_epochs=stage.num_epochs)
             final_stage = stage.index == len(stages) - 1
             while step < stage.end:
                 batch = next(train_iter)

@@ -31,7 +31,8 @@ class LossInputs:
     ``aux_params`` / ``aux_state`` hold the auxiliary modules' params and other collections
     (``{}`` if none), keyed by module name.
     ``step`` is the global step, ``stage_step`` the step within the current stage and
-    ``epoch`` the (integer) epoch within the stage: schedules normally use the latter two.
+    ``epoch`` the (integer) epoch within the stage, ``num_epochs`` (a Python int) the stage's
+    length in epochs: schedules normally use these.
     ``inputs`` is the augmented, normalised batch both networks saw; ``student_apply(x)`` and
     ``teacher_apply(x)`` run the networks on other inputs (e.g. adversarial samples) and
     return ``(logits, features)``: the student in train mode with the params being
@@ -50,6 +51,7 @@ class LossInputs:
     aux_state: Any = None
     stage_step: Array | None = None
     epoch: Array | None = None
+    num_epochs: int | None = None
     inputs: Array | None = None
     student_apply: Callable | None = None
     teacher_apply: Callable | None = None
@@ -148,9 +150,12 @@ def hinton_kd_recipe(temperature: float = 4.0, alpha: Any = 0.9, gamma: Any = 0.
     return Recipe(name="hinton_kd", loss=loss, uses_teacher=True)
 
 
+from jaxkd.methods.bss import bss_recipe  # noqa: E402  (methods import Recipe lazily)
+
 RECIPES: dict[str, Callable[..., Recipe]] = {
     "ce": cross_entropy_recipe,
     "hinton_kd": hinton_kd_recipe,
+    "bss": bss_recipe,
 }
 
 

@@ -166,7 +166,7 @@ def make_train_step(student: ModelFns, recipe: Recipe, tx: optax.GradientTransfo
                     pipeline: InputPipeline, *, teacher: ModelFns | None = None,
                     mesh: Mesh | None = None, lr_schedule: Callable | None = None,
                     steps_per_epoch: int | None = None, stage_start: int = 0,
-                    donate: bool = True) -> Callable:
+                    num_epochs: int | None = None, donate: bool = True) -> Callable:
     """Builds ``step(state, teacher_variables, batch) -> (state, metrics)``, jit-compiled.
 
     ``metrics`` are scalars (global batch means): ``loss``, each loss component, ``accuracy``,
