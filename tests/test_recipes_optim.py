@@ -14,8 +14,16 @@ def test_weight_schedules():
     assert [float(lin(s)) for s in (0, 50, 100, 200)] == pytest.approx([1.0, 0.5, 0.0, 0.0])
     cos = recipes.make_weight_schedule({"type": "cosine", "init": 2.0, "end": 0.0, "steps": 10})
     assert float(cos(5)) == pytest.approx(1.0, abs=1e-6)  # 2 * (1 + cos(pi/2)) / 2
-    pw = recipes.make_weight_schedule({"type": "piecewise", "init": 1.0, "boundaries": [10], "scales": [0.1]})
+    pw = recipes.make_weight_schedule({"type": "piecewise", "init": 1.0, "boundaries": [10], "scales": [0.1],
+                                      "unit": "steps"})
     assert float(pw(9)) == pytest.approx(1.0) and float(pw(11)) == pytest.approx(0.1)
+    by_progress = recipes.make_weight_schedule({"type": "linear", "init": 4.0, "end": 1.0})
+    assert [float(by_progress(0, p)) for p in (0.0, 0.5, 1.0)] == pytest.approx([4.0, 2.5, 1.0])
+    with pytest.raises(ValueError, match="progress"):
+        by_progress(3)
+    pw_frac = recipes.make_weight_schedule({"type": "piecewise", "init": 2.0, "boundaries": [0.5, 0.75],
+                                            "scales": [0.5, 0.1]})
+    assert [float(pw_frac(0, p)) for p in (0.4, 0.5, 0.8)] == pytest.approx([2.0, 1.0, 0.1])
     with pytest.raises(ValueError, match="unknown weight schedule"):
         recipes.make_weight_schedule({"type": "exp"})
 

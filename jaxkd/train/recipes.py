@@ -32,7 +32,8 @@ class LossInputs:
     (``{}`` if none), keyed by module name.
     ``step`` is the global step, ``stage_step`` the step within the current stage and
     ``epoch`` the (integer) epoch within the stage, ``num_epochs`` (a Python int) the stage's
-    length in epochs: schedules normally use these.
+    length in epochs and ``stage_progress`` the fraction of the stage done (0 to 1): weight
+    schedules use ``stage_step`` or ``stage_progress``.
     ``inputs`` is the augmented, normalised batch both networks saw; ``student_apply(x)`` and
     ``teacher_apply(x)`` run the networks on other inputs (e.g. adversarial samples) and
     return ``(logits, features)``: the student in train mode with the params being
@@ -52,6 +53,7 @@ class LossInputs:
     stage_step: Array | None = None
     epoch: Array | None = None
     num_epochs: int | None = None
+    stage_progress: Array | None = None
     inputs: Array | None = None
     student_apply: Callable | None = None
     teacher_apply: Callable | None = None
@@ -90,32 +92,58 @@ class Recipe:
     train_up_to: str | None = None
 
 
-def make_weight_schedule(spec: Any) -> Callable[[Array], Array]:
-    """A loss weight as a function of the global step.
+def make_weight_schedule(spec: Any) -> Callable[..., Array]:
+    """A loss weight as a function ``weight(stage_step, progress=None)``.
 
     ``spec`` is a number (constant) or a mapping with ``type`` in
-    ``{"constant", "linear", "cosine", "piecewise"}``:
+    ``{"constant", "linear", "cosine", "piecewise"}``, measured in steps of the current stage
+    when it has ``"steps"`` (or ``"unit": "steps"``), else in ``progress`` through the stage
+    (0 at its start, 1 at its end):
 
-    * ``{"type": "linear", "init": a, "end": b, "steps": n}``: linear from a to b over n steps.
-    * ``{"type": "cosine", "init": a, "end": b, "steps": n}``: cosine decay from a to b.
-    * ``{"type": "piecewise", "init": a, "boundaries": [s1, ...], "scales": [k1, ...]}``.
+    * ``{"type": "linear", "init": a, "end": b[, "steps": n]}``: linear from a to b.
+    * ``{"type": "cosine", "init": a, "end": b[, "steps": n]}``: cosine decay from a to b.
+    * ``{"type": "piecewise", "init": a, "boundaries": [t1, ...], "scales": [k1, ...]}``:
+      ``a`` times the product of the ``k_i`` whose ``t_i`` has been reached.
     """
     if isinstance(spec, (int, float)):
         value = float(spec)
-        return lambda step: jnp.asarray(value, jnp.float32)
+        return lambda step, progress=None: jnp.asarray(value, jnp.float32)
     spec = dict(spec)
     kind = spec.get("type", "constant")
     if kind == "constant":
         return make_weight_schedule(float(spec["value"]))
-    if kind == "linear":
-        return optax.linear_schedule(spec["init"], spec["end"], int(spec["steps"]))
-    if kind == "cosine":
+    unit = spec.get("unit", "steps" if "steps" in spec else "progress")
+    if unit not in ("steps", "progress"):
+        raise ValueError(f"weight schedule unit must be 'steps' or 'progress'; got {unit!r}")
+    length = float(spec.get("steps", 1.0)) if unit == "steps" else 1.0
+
+    def position(step, progress):
+        if unit == "progress":
+            if progress is None:
+                raise ValueError("this weight schedule is measured in stage progress, which was not given")
+            return jnp.asarray(progress, jnp.float32)
+        return jnp.asarray(step, jnp.float32)
+
+    if kind in ("linear", "cosine"):
         init, end = float(spec["init"]), float(spec["end"])
-        alpha = end / init if init else 0.0
-        return optax.cosine_decay_schedule(init, int(spec["steps"]), alpha=alpha)
+
+        def schedule(step, progress=None):
+            frac = jnp.clip(position(step, progress) / length, 0.0, 1.0)
+            if kind == "linear":
+                return init + (end - init) * frac
+            return end + (init - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
+        return schedule
     if kind == "piecewise":
-        return optax.piecewise_constant_schedule(
-            spec["init"], dict(zip(map(int, spec["boundaries"]), map(float, spec["scales"]))))
+        init = float(spec["init"])
+        pairs = list(zip(map(float, spec["boundaries"]), map(float, spec["scales"])))
+
+        def piecewise(step, progress=None):
+            t = position(step, progress)
+            value = jnp.asarray(init, jnp.float32)
+            for boundary, scale in pairs:
+                value = value * jnp.where(t >= boundary, scale, 1.0)
+            return value
+        return piecewise
     raise ValueError(f"unknown weight schedule type {kind!r}; expected constant, linear, cosine or piecewise")
 
 
@@ -144,7 +172,8 @@ def hinton_kd_recipe(temperature: float = 4.0, alpha: Any = 0.9, gamma: Any = 0.
     def loss(inp: LossInputs):
         ce = losses.cross_entropy(inp.student_logits, inp.labels)
         kd = losses.hinton_kd(inp.student_logits, inp.teacher_logits, temperature, mode)
-        total = gamma_fn(inp.stage_step) * ce + alpha_fn(inp.stage_step) * kd
+        total = (gamma_fn(inp.stage_step, inp.stage_progress) * ce
+                 + alpha_fn(inp.stage_step, inp.stage_progress) * kd)
         return total, {"ce": ce, "kd": kd}
 
     return Recipe(name="hinton_kd", loss=loss, uses_teacher=True)

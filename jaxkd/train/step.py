@@ -185,6 +185,8 @@ def make_train_step(student: ModelFns, recipe: Recipe, tx: optax.GradientTransfo
         labels = batch["label"]
         stage_step = state.step - stage_start
         epoch = stage_step // steps_per_epoch if steps_per_epoch else jnp.zeros((), jnp.int32)
+        progress = (stage_step.astype(jnp.float32) / float(steps_per_epoch * num_epochs)
+                    if steps_per_epoch and num_epochs else None)
         t_logits = t_feats = teacher_fn = None
         if recipe.uses_teacher:
             def teacher_fn(inputs):
