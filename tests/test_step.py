@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from jaxkd import models
 from jaxkd.train import InputPipeline, create_train_state, make_train_step, recipes
@@ -81,3 +82,25 @@ def test_teacher_frozen_student_trained():
     assert all(changed), "every student param should move in a KD step"
     # the teacher's params are not in the train state at all
     assert set(state.params) == {"student", "aux"}
+
+
+def test_stage_clock_in_loss_inputs():
+    """Recipes see the stage step, epoch, stage length and progress the loop gives the step."""
+    seen = {}
+
+    def loss(inp):
+        z = jnp.zeros(inp.labels.shape[0])
+        seen["num_epochs"] = inp.num_epochs
+        return z, {"stage_step": z + inp.stage_step, "epoch": z + inp.epoch, "progress": z + inp.stage_progress}
+
+    recipe = recipes.Recipe(name="clock", loss=loss)
+    student = models.from_linen(Linear(3), "linear")
+    tx = optax.sgd(0.1)
+    state = create_train_state(jax.random.PRNGKey(0), student, recipe, tx, jnp.zeros((1, 2, 1)))
+    state = state.replace(step=jnp.int32(17))
+    step = make_train_step(student, recipe, tx, InputPipeline((0.0,), (1.0,)), steps_per_epoch=4, stage_start=5,
+                           num_epochs=6, donate=False)
+    _, m = step(state, None, {"image": jnp.ones((2, 2, 1)), "label": jnp.zeros((2,), jnp.int32)})
+    assert seen["num_epochs"] == 6
+    assert float(m["stage_step"]) == 12 and float(m["epoch"]) == 3
+    assert float(m["progress"]) == pytest.approx(12 / 24)

@@ -412,7 +412,7 @@ def bss_recipe(temperature: float = 3.0, num_epochs: int | None = None, step_siz
     ``bss_target`` (fraction of them reaching the target class), ``bss_iters`` (mean
     iterations), as batch values.
     """
-    from jaxkd.train.recipes import Recipe
+    from jaxkd.core import Recipe
 
     options = BSSOptions(step_size=step_size, max_iters=max_iters, clip_min=clip_min, clip_max=clip_max,
                          max_base_samples=max_base_samples)

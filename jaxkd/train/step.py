@@ -206,7 +206,8 @@ def make_train_step(student: ModelFns, recipe: Recipe, tx: optax.GradientTransfo
                 student_logits=logits, student_features=feats, teacher_logits=t_logits,
                 teacher_features=t_feats, labels=labels, step=state.step, aux_params=params["aux"],
                 aux_state=state.model_state["aux"], rng=loss_rng, stage_step=stage_step, epoch=epoch,
-                inputs=x, student_apply=student_fn, teacher_apply=teacher_fn))
+                num_epochs=num_epochs, stage_progress=progress, inputs=x, student_apply=student_fn,
+                teacher_apply=teacher_fn))
             per_example, parts = out[0], out[1]
             new_aux_state = out[2] if len(out) > 2 else state.model_state["aux"]
             return jnp.mean(per_example), ({"student": new_student_state, "aux": new_aux_state}, parts, logits)

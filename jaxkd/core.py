@@ -1,0 +1,139 @@
+"""The types every method is built from: :class:`LossInputs`, :class:`Recipe`, weight schedules.
+
+Kept free of imports from the rest of jaxkd, so method modules (``jaxkd.methods.*``) and the
+train loop can both depend on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import chex
+import jax.numpy as jnp
+
+Array = chex.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class LossInputs:
+    """Everything a recipe loss may read; built inside the jitted step.
+
+    ``teacher_logits`` / ``teacher_features`` are ``None`` for recipes without a teacher.
+    ``aux_params`` / ``aux_state`` hold the auxiliary modules' params and other collections
+    (``{}`` if none), keyed by module name.
+    ``step`` is the global step, ``stage_step`` the step within the current stage and
+    ``epoch`` the (integer) epoch within the stage, ``num_epochs`` (a Python int) the stage's
+    length in epochs and ``stage_progress`` the fraction of the stage done (0 to 1): weight
+    schedules use ``stage_step`` or ``stage_progress``.
+    ``inputs`` is the augmented, normalised batch both networks saw; ``student_apply(x)`` and
+    ``teacher_apply(x)`` run the networks on other inputs (e.g. adversarial samples) and
+    return ``(logits, features)``: the student in train mode with the params being
+    differentiated (its batch-stat updates from such extra calls are discarded), the
+    teacher in inference mode.
+    """
+
+    student_logits: Array
+    student_features: Mapping[str, Array]
+    teacher_logits: Array | None
+    teacher_features: Mapping[str, Array] | None
+    labels: Array
+    step: Array
+    aux_params: Any
+    rng: Array
+    aux_state: Any = None
+    stage_step: Array | None = None
+    epoch: Array | None = None
+    num_epochs: int | None = None
+    stage_progress: Array | None = None
+    inputs: Array | None = None
+    student_apply: Callable | None = None
+    teacher_apply: Callable | None = None
+
+
+# loss(inputs) -> (per-example total loss [B], {name: per-example component [B]})
+# or (..., ..., new_aux_state) when auxiliary modules keep state (e.g. a regressor's BN).
+LossFn = Callable[[LossInputs], tuple[Array, dict[str, Array]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """A distillation method as data: the generic loop runs it.
+
+    Attributes:
+      name: method name (``config.method.name``).
+      loss: pure per-example loss, see :data:`LossFn`.
+      uses_teacher: run the (frozen) teacher inside the step.
+      init_aux: ``init_aux(rng, student_features, teacher_features) -> variables`` (a Flax
+        variables dict ``{"params": {name: ...}, "batch_stats": {name: ...}}``, top-level
+        names unique across recipes) for auxiliary trainable modules; ``None`` if none.
+      trainable: ``trainable(path) -> bool`` on parameter paths such as
+        ``"student/stage1/conv1/kernel"`` or ``"aux/regressor/Conv_0/kernel"``; params for
+        which it is False get no update and their batch statistics stay as they are
+        (bit-for-bit frozen). ``None`` trains everything.
+      train_up_to: name of a student feature tap (e.g. ``"stage2"``): only the student params
+        that feed that feature train, plus all auxiliary modules (FitNets' hint stage). The
+        loop resolves it into ``trainable`` from the model by gradient dependence.
+    """
+
+    name: str
+    loss: LossFn
+    uses_teacher: bool = False
+    init_aux: Callable[..., Any] | None = None
+    trainable: Callable[[str], bool] | None = None
+    train_up_to: str | None = None
+
+
+def make_weight_schedule(spec: Any) -> Callable[..., Array]:
+    """A loss weight as a function ``weight(stage_step, progress=None)``.
+
+    ``spec`` is a number (constant) or a mapping with ``type`` in
+    ``{"constant", "linear", "cosine", "piecewise"}``, measured in steps of the current stage
+    when it has ``"steps"`` (or ``"unit": "steps"``), else in ``progress`` through the stage
+    (0 at its start, 1 at its end):
+
+    * ``{"type": "linear", "init": a, "end": b[, "steps": n]}``: linear from a to b.
+    * ``{"type": "cosine", "init": a, "end": b[, "steps": n]}``: cosine decay from a to b.
+    * ``{"type": "piecewise", "init": a, "boundaries": [t1, ...], "scales": [k1, ...]}``:
+      ``a`` times the product of the ``k_i`` whose ``t_i`` has been reached.
+    """
+    if isinstance(spec, (int, float)):
+        value = float(spec)
+        return lambda step, progress=None: jnp.asarray(value, jnp.float32)
+    spec = dict(spec)
+    kind = spec.get("type", "constant")
+    if kind == "constant":
+        return make_weight_schedule(float(spec["value"]))
+    unit = spec.get("unit", "steps" if "steps" in spec else "progress")
+    if unit not in ("steps", "progress"):
+        raise ValueError(f"weight schedule unit must be 'steps' or 'progress'; got {unit!r}")
+    length = float(spec.get("steps", 1.0)) if unit == "steps" else 1.0
+
+    def position(step, progress):
+        if unit == "progress":
+            if progress is None:
+                raise ValueError("this weight schedule is measured in stage progress, which was not given")
+            return jnp.asarray(progress, jnp.float32)
+        return jnp.asarray(step, jnp.float32)
+
+    if kind in ("linear", "cosine"):
+        init, end = float(spec["init"]), float(spec["end"])
+
+        def schedule(step, progress=None):
+            frac = jnp.clip(position(step, progress) / length, 0.0, 1.0)
+            if kind == "linear":
+                return init + (end - init) * frac
+            return end + (init - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
+        return schedule
+    if kind == "piecewise":
+        init = float(spec["init"])
+        pairs = list(zip(map(float, spec["boundaries"]), map(float, spec["scales"])))
+
+        def piecewise(step, progress=None):
+            t = position(step, progress)
+            value = jnp.asarray(init, jnp.float32)
+            for boundary, scale in pairs:
+                value = value * jnp.where(t >= boundary, scale, 1.0)
+            return value
+        return piecewise
+    raise ValueError(f"unknown weight schedule type {kind!r}; expected constant, linear, cosine or piecewise")
