@@ -4,6 +4,7 @@
     jaxkd eval    --config experiments/configs/digits.py --workdir runs/kd [--checkpoint best|last]
     jaxkd compare --config experiments/configs/digits.py --workdir runs/digits [--seeds 0,1,2]
                   [--sweep method.temperature=1,4,8 --sweep method.alpha=0.5,0.9]
+                  [--methods kd,bss]   (presets defined in the config's `presets`)
 
 Overrides are ``key=value`` pairs on the config (``optim.lr=0.1``, ``data.num_train_examples=500``).
 Bad input (unknown key, bad value, missing data set or teacher) ends with one ``jaxkd: error:``
@@ -42,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--seeds", default="0", help="comma-separated seeds for the student runs")
     c.add_argument("--sweep", action="append", default=[],
                    help="key=v1,v2,... grid over a config value for the distilled runs (repeatable)")
+    c.add_argument("--methods", default="",
+                   help="comma-separated presets of config.presets to distill with (default: config.method)")
     c.add_argument("--no-progress", action="store_true")
     return p
 
@@ -57,7 +60,13 @@ def _parse_sweep(items: list[str]) -> dict:
 
 
 def run(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # Overrides may come before or after options: collect stray key=value items too.
+    args, extra = parser.parse_known_args(argv)
+    stray = [e for e in extra if e.startswith("-") or "=" not in e]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    args.overrides = list(args.overrides) + extra
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     config = config_lib.load_config(args.config)
     config = config_lib.apply_overrides(config, args.overrides)
@@ -71,8 +80,9 @@ def run(argv: list[str] | None = None) -> int:
     elif args.command == "compare":
         from jaxkd.experiment import compare, format_table
         seeds = [int(s) for s in str(args.seeds).split(",") if s != ""]
+        methods = [m for m in args.methods.split(",") if m] or None
         rows = compare(config, args.workdir, seeds=seeds, sweep=_parse_sweep(args.sweep),
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, methods=methods)
         print()
         print(format_table(rows, config))
         print(f"\nwritten: {os.path.join(args.workdir, 'results.md')}, results.json, curves.png")

@@ -42,6 +42,8 @@ def base_config() -> ml_collections.ConfigDict:
     # Optional stages: a sequence of {"name", "num_epochs", "method": {...}, "optim": {...}};
     # None runs one stage with config.method for config.train.num_epochs.
     c.stages = None
+    # Named variants for `jaxkd compare --methods a,b`: {name: {dotted.key: value, ...}}.
+    c.presets = {}
     # Used by `jaxkd compare` for the teacher run (model = config.teacher).
     c.teacher_train = ml_collections.ConfigDict(dict(num_epochs=None, optim=None))
     return c
@@ -111,7 +113,7 @@ _ALIASES = {"learning_rate": "lr", "epochs": "num_epochs", "wd": "weight_decay",
 def _open_dict(prefix: list[str]) -> bool:
     # Free-form dicts whose keys are not known in advance.
     # (``method`` takes the options of whichever method is chosen)
-    return bool(prefix) and prefix[-1] in ("kwargs", "builder_kwargs", "augment", "method")
+    return bool(prefix) and prefix[-1] in ("kwargs", "builder_kwargs", "augment", "method", "presets")
 
 
 def _require(cond: bool, key: str, msg: str, value: Any) -> None:

@@ -48,7 +48,25 @@ def baseline_config(config: ml_collections.ConfigDict, seed: int) -> ml_collecti
     return c
 
 
-def distill_config(config, seed: int, teacher_workdir: str, point: dict) -> ml_collections.ConfigDict:
+def preset_config(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+    """``config`` with the named preset of ``config.presets`` applied (dotted keys -> values).
+
+    A preset changes the method (``{"method": {...}}``), declares stages (``{"stages": [...]}``)
+    or changes any other key, e.g. the student model for a feature method.
+    """
+    presets = config.presets.to_dict() if hasattr(config.presets, "to_dict") else dict(config.presets or {})
+    if name not in presets:
+        raise config_lib.ConfigError(f"unknown method preset {name!r}; config.presets has {sorted(presets)}")
+    c = ml_collections.ConfigDict(config.to_dict())
+    for key, value in presets[name].items():
+        config_lib.set_path(c, key, value)
+    return c
+
+
+def distill_config(config, seed: int, teacher_workdir: str, point: dict,
+                   preset: str | None = None) -> ml_collections.ConfigDict:
+    if preset is not None:
+        config = preset_config(config, preset)
     c = config_lib.apply_overrides(config, [f"{k}={v!r}" for k, v in point.items()])
     c.seed = seed
     c.teacher.workdir = teacher_workdir
@@ -77,8 +95,13 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
 
 
 def compare(config: ml_collections.ConfigDict, workdir: str, seeds: Iterable[int] = (0,),
-            sweep: dict[str, Sequence] | None = None, progress: bool = True) -> list[dict]:
-    """Runs teacher, baseline and distilled students; returns one row per configuration."""
+            sweep: dict[str, Sequence] | None = None, progress: bool = True,
+            methods: Sequence[str] | None = None) -> list[dict]:
+    """Runs teacher, baseline and distilled students; returns one row per configuration.
+
+    ``methods`` names presets of ``config.presets`` to run instead of ``config.method``
+    (each combined with every sweep point).
+    """
     seeds = list(seeds)
     workdir = os.path.abspath(workdir)
     config = ml_collections.ConfigDict(config.to_dict())
@@ -102,12 +125,14 @@ def compare(config: ml_collections.ConfigDict, workdir: str, seeds: Iterable[int
         _announce(f"baseline seed {seed}", config.model.name)
         runs.setdefault("baseline", []).append(
             train_and_evaluate(baseline_config(config, seed), os.path.join(workdir, "baseline", f"seed{seed}")))
-    for point in sweep_points(sweep or {}):
-        name = _point_name(config.method.name, point)
-        for seed in seeds:
-            _announce(f"{name} seed {seed}", config.model.name)
-            runs.setdefault(name, []).append(train_and_evaluate(
-                distill_config(config, seed, teacher_dir, point), os.path.join(workdir, name, f"seed{seed}")))
+    for preset in (list(methods) if methods else [None]):
+        for point in sweep_points(sweep or {}):
+            name = _point_name(preset or config.method.name, point)
+            for seed in seeds:
+                cfg = distill_config(config, seed, teacher_dir, point, preset)
+                _announce(f"{name} seed {seed}", cfg.model.name)
+                runs.setdefault(name, []).append(train_and_evaluate(
+                    cfg, os.path.join(workdir, name, f"seed{seed}")))
 
     rows = []
     for name, summaries in runs.items():

@@ -64,9 +64,13 @@ def test_train_eval_compare(capsys, tmp_path, data_dir):
     # a second comparison (limited data) reuses the finished teacher instead of training one
     cw2 = str(tmp_path / "c2")
     code, out, _ = _main(capsys, "compare", "--config", DIGITS, "--workdir", cw2, "--no-progress", *common,
+                         "--methods", "kd,bss",
                          f"teacher.workdir={os.path.join(cw, 'teacher')}", "data.num_train_examples=300")
     assert code == 0 and not os.path.exists(os.path.join(cw2, "teacher"))
     assert "train examples: 300" in out
+    assert "| kd | mlp |" in out and "| bss | mlp |" in out
+    bss_cfg = json.load(open(os.path.join(cw2, "bss", "seed0", "summary.json")))
+    assert bss_cfg["method"] == "bss"
     rows = json.load(open(os.path.join(cw2, "results.json")))
     assert rows[0]["best_mean"] == json.load(open(os.path.join(cw, "results.json")))[0]["best_mean"]
 

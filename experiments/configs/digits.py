@@ -26,4 +26,9 @@ def get_config():
     c.optim.schedule = "cosine"
     c.train.num_epochs = 30
     c.train.log_every_steps = 10
+    # `jaxkd compare --methods kd,bss`: BSS with the paper's T=3 and schedules over the run
+    c.presets = {
+        "kd": {"method": {"name": "hinton_kd", "temperature": 4.0, "alpha": 0.9, "gamma": 0.1}},
+        "bss": {"method": {"name": "bss", "temperature": 3.0}},
+    }
     return c

@@ -1,0 +1,43 @@
+"""Digits, resnet20 -> resnet8 (same widths 16/16/32/64, so FSP applies): feature methods.
+
+    jaxkd compare --config experiments/configs/digits_features.py --workdir runs/digits_feat \
+        --seeds 0,1,2 --methods kd,fitnets,fitnets_two_stage,at,fsp
+
+Totals are 30 epochs for every method; two-stage methods split them (5 + 25).
+"""
+
+from jaxkd.config import base_config
+
+
+def get_config():
+    c = base_config()
+    c.data.name = "digits"
+    c.data.batch_size = 64
+    c.data.eval_batch_size = 128
+    c.teacher.name = "resnet20"
+    c.model.name = "resnet8"
+    c.method.name = "hinton_kd"
+    c.optim.lr = 0.05
+    c.optim.weight_decay = 5e-4
+    c.optim.schedule = "cosine"
+    c.train.num_epochs = 30
+    c.train.log_every_steps = 10
+    c.presets = {
+        "kd": {"method": {"name": "hinton_kd", "temperature": 4.0, "alpha": 0.9, "gamma": 0.1}},
+        # RepDistiller: CE + 100 * hint(stage2), one stage
+        "fitnets": {"method": {"name": "fitnets", "beta": 100.0}},
+        # the paper: hint stage (layers up to stage2 + regressor), then KD with a decaying weight
+        "fitnets_two_stage": {"stages": [
+            {"name": "hint", "num_epochs": 5, "method": {"name": "fitnets_hint"}},
+            {"name": "kd", "num_epochs": 25, "method": {
+                "name": "hinton_kd", "temperature": 4.0, "gamma": 1.0,
+                "alpha": {"type": "linear", "init": 4.0, "end": 1.0}}}]},
+        # attention transfer, code mode, beta 1000, on the three stage outputs
+        "at": {"method": {"name": "at", "mode": "code"}},
+        # RepDistiller FSP: an FSP-only initialisation stage, then CE
+        "fsp": {"stages": [
+            {"name": "fsp_init", "num_epochs": 5, "method": {"name": "fsp"}},
+            {"name": "train", "num_epochs": 25, "method": {"name": "ce"}}]},
+        "bss": {"method": {"name": "bss", "temperature": 3.0}},
+    }
+    return c
