@@ -30,7 +30,8 @@ class LossInputs:
     ``teacher_apply(x)`` run the networks on other inputs (e.g. adversarial samples) and
     return ``(logits, features)``: the student in train mode with the params being
     differentiated (its batch-stat updates from such extra calls are discarded), the
-    teacher in inference mode.
+    teacher in inference mode and differentiable w.r.t. its input (its variables are
+    constants of the step, so no gradient reaches them).
     """
 
     student_logits: Array

@@ -44,8 +44,11 @@ def test_bss_and_kd_runs_compile_each_step_once(tmp_path, data_dir, compiled):
     assert summary["best_accuracy"] > 0.3
     import json
     hist = [json.loads(ln) for ln in open(os.path.join(tmp_path, "bss", "metrics.jsonl"))]
-    assert hist[-1]["train/bss_valid"] > 0 and 0 <= hist[-1]["train/bss_target"] <= 1
-    assert 0 < hist[-1]["train/bss_iters"] <= 10
+    # the attack really moves samples across the teacher's boundary (needs gradients w.r.t.
+    # the teacher's input inside the step): most base samples reach their target class
+    assert hist[-1]["train/bss_valid"] > 0
+    assert hist[-1]["train/bss_target"] > 0.5
+    assert 0 < hist[-1]["train/bss_iters"] < 10
     # two epochs with varying BSS loop lengths and two evals: one compilation each
     assert [n for n, _ in compiled] == ["make_eval_step", "make_train_step"]
     for name, fn in compiled:

@@ -190,9 +190,12 @@ def make_train_step(student: ModelFns, recipe: Recipe, tx: optax.GradientTransfo
         t_logits = t_feats = teacher_fn = None
         if recipe.uses_teacher:
             def teacher_fn(inputs):
+                # No stop_gradient here: the teacher's variables are constants of the step (never
+                # differentiated), and methods need gradients w.r.t. the teacher's *inputs*
+                # (BSS's attack, gradient-based attention).
                 logits, feats, _ = teacher.apply(teacher_variables, inputs, train=False)
-                return jax.lax.stop_gradient((logits, feats))
-            t_logits, t_feats = teacher_fn(x)
+                return logits, feats
+            t_logits, t_feats = jax.lax.stop_gradient(teacher_fn(x))
 
         def loss_fn(params):
             variables = {"params": params["student"], **state.model_state["student"]}
