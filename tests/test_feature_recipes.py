@@ -101,3 +101,44 @@ def test_fsp_channel_mismatch_is_a_clear_error(tmp_path, teacher):
     cfg = _config(**{"teacher.workdir": teacher, "model.name": "resnet8x4", "method": {"name": "fsp"}})
     with pytest.raises(ValueError, match="channel"):
         train_and_evaluate(cfg, str(tmp_path / "bad"))
+
+
+def test_gradient_attention_option_matches_numpy_on_a_linear_student():
+    """grad-AT inside the step: for linear models the input gradient of CE is W (p - y)."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+    import optax
+
+    from jaxkd import models
+    from jaxkd.methods.feature_kd import attention_recipe
+    from jaxkd.train import InputPipeline, create_train_state, make_train_step
+
+    class Lin(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=False):
+            logits = nn.Dense(3, use_bias=False)(x.reshape((x.shape[0], -1)))
+            return logits, {"logits": logits}
+
+    s_fns, t_fns = models.from_linen(Lin(), "s"), models.from_linen(Lin(), "t")
+    x = np.random.default_rng(0).normal(size=(4, 2, 2, 1)).astype(np.float32)
+    y = np.array([0, 1, 2, 1], np.int32)
+    recipe = attention_recipe(student_layers=(), gradient_beta=2.0, gamma=0.0)
+    t_vars = t_fns.init(jax.random.PRNGKey(1), jnp.zeros((1, 2, 2, 1)))
+    state = create_train_state(jax.random.PRNGKey(0), s_fns, recipe, optax.sgd(0.0), jnp.zeros((1, 2, 2, 1)))
+    step = make_train_step(s_fns, recipe, optax.sgd(0.0), InputPipeline((0.0,), (1.0,)), teacher=t_fns,
+                           donate=False)
+    _, m = step(state, t_vars, {"image": jnp.asarray(x), "label": jnp.asarray(y)})
+
+    def np_map(w):
+        z = x.reshape(4, 4) @ w
+        pr = np.exp(z - z.max(1, keepdims=True))
+        pr /= pr.sum(1, keepdims=True)
+        g = (pr - np.eye(3)[y]) @ w.T  # d CE_i / d x_i, shape (4, 4) = (B, H*W*C)
+        q = np.abs(g)
+        return q / np.linalg.norm(q, axis=1, keepdims=True)
+
+    ws = np.asarray(state.params["student"]["Dense_0"]["kernel"], np.float64)
+    wt = np.asarray(t_vars["params"]["Dense_0"]["kernel"], np.float64)
+    expected = ((np_map(ws) - np_map(wt)) ** 2).sum(1).mean()
+    assert float(m["grad_at"]) == pytest.approx(expected, rel=1e-4)
+    assert float(m["loss"]) == pytest.approx(2.0 * expected, rel=1e-4)

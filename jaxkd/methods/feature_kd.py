@@ -95,19 +95,35 @@ def fitnets_hint_recipe(student_layer: str = "stage2", teacher_layer: str = "sta
 
 def attention_recipe(student_layers: Sequence[str] = DEFAULT_LAYERS, teacher_layers: Sequence[str] | None = None,
                      beta: float | None = None, mode: str = "code", p: float = 2.0, gamma: Any = 1.0,
-                     alpha: Any = 0.0, temperature: float = 4.0) -> Recipe:
+                     alpha: Any = 0.0, temperature: float = 4.0, gradient_beta: float = 0.0,
+                     gradient_p: float = 1.0) -> Recipe:
     """Attention transfer: ``gamma CE + alpha KD + AT`` (beta inside AT; default 1000, "code"
-    mode as RepDistiller and the authors' code; ``mode="paper"`` for the paper's form)."""
+    mode as RepDistiller and the authors' code; ``mode="paper"`` for the paper's form).
+
+    ``gradient_beta > 0`` adds gradient-based attention transfer: the attention maps of the
+    student's and the teacher's cross-entropy gradients w.r.t. the (augmented) input, computed
+    with ``jax.grad`` inside the same jitted step (the student's twice differentiated),
+    weighted by ``gradient_beta``. ``layers=()`` with ``gradient_beta > 0`` uses it alone.
+    """
     student_layers = tuple(student_layers)
     teacher_layers = tuple(teacher_layers or student_layers)
 
     def loss(inp: LossInputs):
-        at = losses.attention_transfer(_taps(inp.student_features, student_layers, "the student"),
-                                       _taps(inp.teacher_features, teacher_layers, "the teacher"),
-                                       mode=mode, p=p, beta=beta)
         total, parts = _logit_terms(inp, gamma, alpha, temperature)
-        parts["at"] = at
-        return total + at, parts
+        if student_layers:
+            at = losses.attention_transfer(_taps(inp.student_features, student_layers, "the student"),
+                                           _taps(inp.teacher_features, teacher_layers, "the teacher"),
+                                           mode=mode, p=p, beta=beta)
+            parts["at"] = at
+            total = total + at
+        if gradient_beta:
+            def ce_of(apply_fn):
+                return lambda x: losses.cross_entropy(apply_fn(x)[0], inp.labels)
+            s_grad = losses.input_gradient(ce_of(inp.student_apply), inp.inputs)
+            t_grad = losses.input_gradient(ce_of(inp.teacher_apply), inp.inputs)
+            parts["grad_at"] = losses.gradient_attention_transfer(s_grad, t_grad, p=gradient_p)
+            total = total + gradient_beta * parts["grad_at"]
+        return total, parts
 
     return Recipe(name="at", loss=loss, uses_teacher=True)
 
