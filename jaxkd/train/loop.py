@@ -274,7 +274,7 @@ def _train(config, workdir, mesh, allow_config_change, stop_after_steps):
                                 ". Use another --workdir, or pass --allow-config-change to resume anyway.")
         train_iter.set_state(data_state)
         _truncate_jsonl(logger.path, start_step)
-        if jax.process_index() == 0:
+        if jax.process_index() == 0 and start_step < total_steps:
             print(f"jaxkd: resuming from checkpoint step {start_step} in {workdir}", flush=True)
         state_stage = _stage_of_checkpoint(stages, start_step)
     else:
