@@ -147,6 +147,8 @@ def compare(config: ml_collections.ConfigDict, workdir: str, seeds: Iterable[int
     with open(os.path.join(workdir, "results.md"), "w") as f:
         f.write(table + "\n")
     plot_curves(workdir, list(runs), teacher_dir)
+    if sweep and len(sweep) == 2 and not methods:
+        plot_sweep(workdir, rows, sweep, config.method.name)
     return rows
 
 
@@ -198,6 +200,39 @@ def plot_curves(workdir: str, names: list[str], teacher_dir: str | None = None) 
     ax.legend()
     out = os.path.join(workdir, "curves.png")
     fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_sweep(workdir: str, rows: list[dict], sweep: dict[str, Sequence], method: str) -> str | None:
+    """Heat map of the distilled students' gain over the baseline (best accuracy, mean over
+    seeds) across a two-key sweep, e.g. temperature x alpha, into ``sweep.png``."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    (k1, v1), (k2, v2) = list(sweep.items())
+    by_name = {r["run"]: r for r in rows}
+    base = by_name["baseline"]["best_mean"]
+    grid = [[100 * (by_name[_point_name(method, {k1: a, k2: b})]["best_mean"] - base) for b in v2] for a in v1]
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(v2), 1.2 + 0.9 * len(v1)))
+    lim = max(0.5, max(abs(x) for row in grid for x in row))
+    im = ax.imshow(grid, cmap="RdBu", vmin=-lim, vmax=lim)
+    for i, row in enumerate(grid):
+        for j, val in enumerate(row):
+            ax.text(j, i, f"{val:+.2f}", ha="center", va="center", fontsize=9,
+                    color="white" if abs(val) > 0.6 * lim else "black")
+    ax.set_xticks(range(len(v2)), [str(b) for b in v2])
+    ax.set_yticks(range(len(v1)), [str(a) for a in v1])
+    ax.set_xlabel(k2)
+    ax.set_ylabel(k1)
+    ax.set_title(f"best acc. gain over baseline ({100 * base:.2f} %), points")
+    fig.colorbar(im, ax=ax, shrink=0.8)
+    fig.tight_layout()
+    out = os.path.join(workdir, "sweep.png")
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
