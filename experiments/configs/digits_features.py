@@ -6,22 +6,16 @@
 Totals are 30 epochs for every method; two-stage methods split them (5 + 25).
 """
 
-from jaxkd.config import base_config
+import os
+
+from jaxkd.config import load_config
 
 
 def get_config():
-    c = base_config()
-    c.data.name = "digits"
-    c.data.batch_size = 64
-    c.data.eval_batch_size = 128
-    c.teacher.name = "resnet20"
-    c.model.name = "resnet8"
-    c.method.name = "hinton_kd"
-    c.optim.lr = 0.05
-    c.optim.weight_decay = 5e-4
-    c.optim.schedule = "cosine"
-    c.train.num_epochs = 30
-    c.train.log_every_steps = 10
+    # data, optimizer and schedule as in digits.py; other models
+    c = load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits.py"))
+    c.teacher.name, c.teacher.kwargs = "resnet20", {}
+    c.model.name, c.model.kwargs = "resnet8", {}
     c.presets = {
         "kd": {"method": {"name": "hinton_kd", "temperature": 4.0, "alpha": 0.9, "gamma": 0.1}},
         # RepDistiller: CE + 100 * hint(stage2), one stage

@@ -4,30 +4,7 @@ from jaxkd.losses.logits import KD_MODES, cross_entropy, hinton_kd, soft_cross_e
 
 __all__ = ["KD_MODES", "cross_entropy", "hinton_kd", "soft_cross_entropy"]
 
-from jaxkd.losses.features import (  # noqa: E402
-    AT_DEFAULT_BETA,
-    AT_MODES,
-    attention_map,
-    attention_transfer,
-    fitnets_hint,
-    fsp_loss,
-    fsp_matrix,
-    gradient_attention,
-    gradient_attention_map,
-    gradient_attention_transfer,
-    input_gradient,
-)
+from jaxkd.losses import features as _features
+from jaxkd.losses.features import *  # noqa: F401,F403  (its __all__ is the public list)
 
-__all__ += [
-    "AT_DEFAULT_BETA",
-    "AT_MODES",
-    "attention_map",
-    "attention_transfer",
-    "fitnets_hint",
-    "fsp_loss",
-    "fsp_matrix",
-    "gradient_attention",
-    "gradient_attention_map",
-    "gradient_attention_transfer",
-    "input_gradient",
-]
+__all__ += list(_features.__all__)
