@@ -77,11 +77,19 @@ def restore_latest(manager: ocp.CheckpointManager, state_template) -> tuple[int,
                                                else state_template), data=ocp.args.JsonRestore(),
                 meta=ocp.args.JsonRestore()))
         except Exception as e:  # noqa: BLE001 - any failure means "this step is unusable"
-            msg = f"checkpoint step {step} in {manager.directory} is unusable ({type(e).__name__}: {e}); "
+            msg = (f"checkpoint step {step} in {manager.directory} is unusable ({type(e).__name__}: "
+                   f"{str(e)[:300]}); ")
             msg += "trying an older one" if step != steps[-1] else "no older checkpoint left"
             warnings.warn(msg, RuntimeWarning, stacklevel=2)
             failures.append((step, e))
             continue
+        # The run goes on from `step` and will save the newer steps again: keep the damaged
+        # ones under another name (only now that a good checkpoint was found).
+        for bad, _ in failures:
+            moved = _set_aside(manager, bad)
+            warnings.warn(f"damaged checkpoint step {bad} moved to {moved}; resuming from step {step}",
+                          RuntimeWarning, stacklevel=2)
+        manager.reload()
         return step, restored.state, restored.data, restored.meta
     if failures:
         raise CheckpointError(
@@ -89,6 +97,20 @@ def restore_latest(manager: ocp.CheckpointManager, state_template) -> tuple[int,
             f"(steps {[s for s, _ in failures]}); first error: {failures[0][1]}. "
             "Move the directory away to start from scratch.")
     return None
+
+
+def _set_aside(manager: ocp.CheckpointManager, step: int) -> str:
+    """Renames a damaged step's folder so that the run can save that step again (the damaged
+    files are kept, under a name Orbax does not list)."""
+    src = os.path.join(str(manager.directory), str(step))
+    dst = f"{src}.unusable"
+    n = 1
+    while os.path.exists(dst):
+        n += 1
+        dst = f"{src}.unusable{n}"
+    if jax.process_index() == 0 and os.path.isdir(src):
+        os.rename(src, dst)
+    return dst
 
 
 def _paths(tree) -> dict[str, Any]:
