@@ -94,3 +94,48 @@ def test_clear_errors():
         losses.cross_entropy(jnp.ones((4, 3)), jnp.ones((4,)))
     with pytest.raises(ValueError, match="labels must have shape"):
         losses.cross_entropy(jnp.ones((4, 3)), jnp.ones((5,), jnp.int32))
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_dtypes = st.sampled_from([np.float32, np.float16, jnp.bfloat16])
+
+
+@settings(max_examples=25, deadline=None)
+@given(b=st.integers(1, 6), c=st.integers(2, 12), T=st.floats(0.5, 20.0), shift=st.floats(-50, 50),
+       dtype=_dtypes, mode=st.sampled_from(["kl", "soft_ce", "legacy_mean"]), seed=st.integers(0, 2**16))
+def test_hinton_kd_properties(b, c, T, shift, dtype, mode, seed):
+    rng = np.random.default_rng(seed)
+    s = jnp.asarray(rng.normal(size=(b, c)) * 3, dtype)
+    t = jnp.asarray(rng.normal(size=(b, c)) * 3, dtype)
+    v = losses.hinton_kd(s, t, T, mode)
+    assert v.shape == (b,) and v.dtype == jnp.float32
+    assert bool(jnp.all(jnp.isfinite(v)))
+    if mode != "soft_ce":
+        assert bool(jnp.all(v >= -1e-4))  # KL is non-negative
+        np.testing.assert_allclose(np.asarray(losses.hinton_kd(t, t, T, mode)), 0.0, atol=1e-5)
+    # softmax is shift-invariant per row: adding a constant to the student logits changes nothing
+    shifted = losses.hinton_kd((s.astype(jnp.float32) + shift), t, T, mode)
+    np.testing.assert_allclose(np.asarray(shifted), np.asarray(losses.hinton_kd(s.astype(jnp.float32), t, T, mode)),
+                               rtol=1e-3, atol=1e-3)
+
+
+@settings(max_examples=20, deadline=None)
+@given(b=st.integers(1, 6), c=st.integers(2, 12), dtype=_dtypes, seed=st.integers(0, 2**16))
+def test_cross_entropy_properties(b, c, dtype, seed):
+    rng = np.random.default_rng(seed)
+    z = jnp.asarray(rng.normal(size=(b, c)) * 3, dtype)
+    y = jnp.asarray(rng.integers(0, c, b), jnp.int32)
+    v = losses.cross_entropy(z, y)
+    assert v.shape == (b,) and bool(jnp.all(v >= 0)) and bool(jnp.all(jnp.isfinite(v)))
+    # uniform logits give log(C)
+    np.testing.assert_allclose(np.asarray(losses.cross_entropy(jnp.zeros((b, c), dtype), y)), np.log(c), rtol=1e-2)
+
+
+@given(shape=st.lists(st.integers(1, 4), min_size=1, max_size=4))
+@settings(max_examples=15, deadline=None)
+def test_wrong_rank_is_rejected_with_the_argument_name(shape):
+    if len(shape) == 2:
+        shape = shape + [1]
+    with pytest.raises(ValueError, match="student_logits must have shape"):
+        losses.hinton_kd(jnp.ones(shape), jnp.ones(shape))
