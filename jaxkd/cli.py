@@ -85,7 +85,9 @@ def run(argv: list[str] | None = None) -> int:
                        progress=not args.no_progress, methods=methods)
         print()
         print(format_table(rows, config))
-        print(f"\nwritten: {os.path.join(args.workdir, 'results.md')}, results.json, curves.png")
+        written = [n for n in ("results.md", "results.json", "curves.png", "sweep.png")
+                   if os.path.exists(os.path.join(args.workdir, n))]
+        print(f"\nwritten to {args.workdir}: {', '.join(written)}")
     return 0
 
 
