@@ -415,4 +415,5 @@ def _progress(config, images_per_epoch: int):
     if not config.train.progress or jax.process_index() != 0:
         return None
     from tqdm.auto import tqdm
-    return tqdm(total=images_per_epoch, unit="img", unit_scale=True, dynamic_ncols=True, leave=False)
+    # disable=None: no bar when stderr is not a terminal (logs, CI)
+    return tqdm(total=images_per_epoch, unit="img", unit_scale=True, dynamic_ncols=True, leave=False, disable=None)
