@@ -15,7 +15,6 @@ finalised step is still listed, so a step that fails to restore is reported and 
 
 from __future__ import annotations
 
-import logging
 import os
 import warnings
 from typing import Any
@@ -23,8 +22,6 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-
-log = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):

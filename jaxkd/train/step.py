@@ -99,13 +99,6 @@ def create_train_state(rng, student: ModelFns, recipes: Recipe | Sequence[Recipe
                       opt_state=tx.init(params), rng=state_rng)
 
 
-def _masked_mean(x, mask):
-    if mask is None:
-        return jnp.mean(x)
-    mask = mask.astype(x.dtype)
-    return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-
-
 def param_path(path) -> str:
     """``"student/stage1/conv1/kernel"``-style name of a pytree path."""
     return jax.tree_util.keystr(path, simple=True, separator="/")
