@@ -28,8 +28,14 @@ def base_config() -> ml_collections.ConfigDict:
         num_train_examples=None, subset_seed=0, builder_kwargs={}, download=False,
         batch_size=64, eval_batch_size=256, augment=None,  # None: the data set's default
     ))
-    c.model = ml_collections.ConfigDict(dict(name="mlp", kwargs={}))
+    # model.init_from: a work dir whose best student initialises a fresh run (not a resume);
+    # "{seed}" in it is replaced by config.seed.
+    c.model = ml_collections.ConfigDict(dict(name="mlp", kwargs={}, init_from=None))
+    # teacher.workdir may also be a list of work dirs: teachers of this architecture, stacked.
     c.teacher = ml_collections.ConfigDict(dict(name="cnn", kwargs={}, workdir=None, checkpoint="best"))
+    # Several teachers (multi-teacher methods): a list of {name, kwargs, workdir, checkpoint}
+    # (name/kwargs default to config.teacher's); when set, it replaces config.teacher.
+    c.teachers = None
     c.method = ml_collections.ConfigDict(dict(name="hinton_kd", temperature=4.0, alpha=0.9, gamma=0.1,
                                               mode="kl"))
     c.optim = ml_collections.ConfigDict(dict(
@@ -170,6 +176,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
             raise ConfigError(f"config.{key}.name: unknown model {name!r}{hint}; available: {models}")
     _require(config.teacher.checkpoint in ("best", "last"), "teacher.checkpoint", "must be 'best' or 'last'",
              config.teacher.checkpoint)
+    init_from = config.model.get("init_from")
+    _require(init_from is None or (isinstance(init_from, str) and init_from), "model.init_from",
+             "must be a work dir (a non-empty string) or None", init_from)
+    if _uses_teacher(m.name):
+        teacher_specs(config)
 
 
 def _uses_teacher(method_name: str) -> bool:
@@ -191,3 +202,49 @@ def method_options(method: ml_collections.ConfigDict) -> dict:
     # methods that do not take them; any other key must be one the method takes.
     shared = set(base_config().method.keys())
     return {"name": name, **{k: v for k, v in method.items() if k in accepted or k not in shared}}
+
+
+def teacher_specs(config: ml_collections.ConfigDict) -> list[dict]:
+    """The teachers a run distils from: ``[{"name", "kwargs", "workdir", "checkpoint"}, ...]``.
+
+    From ``config.teachers`` when set (each entry's ``name``/``kwargs``/``checkpoint`` default
+    to ``config.teacher``'s, ``workdir`` is required), else from ``config.teacher``, whose
+    ``workdir`` may be one work dir or a list of them (teachers of one architecture). One
+    spec means the ordinary single-teacher run. Raises :class:`ConfigError` for a bad value.
+    """
+    from jaxkd.models import list_models
+
+    t = config.teacher
+    teachers = config.get("teachers")
+    if teachers is None:
+        workdir = t.workdir
+        if isinstance(workdir, (list, tuple)):
+            _require(len(workdir) > 0 and all(isinstance(w, str) and w for w in workdir), "teacher.workdir",
+                     "must be a work dir or a non-empty list of work dirs", workdir)
+            return [{"name": t.name, "kwargs": dict(t.kwargs), "workdir": w, "checkpoint": t.checkpoint}
+                    for w in workdir]
+        _require(workdir is None or isinstance(workdir, str), "teacher.workdir",
+                 "must be a work dir or a non-empty list of work dirs", workdir)
+        return [{"name": t.name, "kwargs": dict(t.kwargs), "workdir": workdir, "checkpoint": t.checkpoint}]
+    _require(isinstance(teachers, (list, tuple)) and len(teachers) > 0, "teachers",
+             "must be None or a non-empty list of {name, kwargs, workdir, checkpoint}", teachers)
+    specs = []
+    for i, entry in enumerate(teachers):
+        entry = entry.to_dict() if hasattr(entry, "to_dict") else entry
+        _require(isinstance(entry, dict), f"teachers[{i}]", "must be a dict {name, kwargs, workdir, checkpoint}",
+                 entry)
+        unknown = set(entry) - {"name", "kwargs", "workdir", "checkpoint"}
+        if unknown:
+            raise ConfigError(f"config.teachers[{i}] has unknown key(s) {sorted(unknown)}; "
+                              "allowed: name, kwargs, workdir, checkpoint")
+        spec = {"name": entry.get("name", t.name), "kwargs": dict(entry.get("kwargs", t.kwargs) or {}),
+                "workdir": entry.get("workdir"), "checkpoint": entry.get("checkpoint", t.checkpoint)}
+        _require(isinstance(spec["workdir"], str) and spec["workdir"], f"teachers[{i}].workdir",
+                 "must name the work dir of a trained teacher", spec["workdir"])
+        _require(spec["checkpoint"] in ("best", "last"), f"teachers[{i}].checkpoint", "must be 'best' or 'last'",
+                 spec["checkpoint"])
+        if spec["name"] not in list_models():
+            raise ConfigError(f"config.teachers[{i}].name: unknown model {spec['name']!r}; "
+                              f"available: {list_models()}")
+        specs.append(spec)
+    return specs

@@ -75,6 +75,12 @@ class Recipe:
       train_up_to: name of a student feature tap (e.g. ``"stage2"``): only the student params
         that feed that feature train, plus all auxiliary modules (FitNets' hint stage). The
         loop resolves it into ``trainable`` from the model by gradient dependence.
+      multi_teacher: the loss reads ``teacher_logits`` of shape ``[N, B, C]`` (several
+        teachers, see :mod:`jaxkd.models.ensemble`; one teacher arrives as ``[B, C]``). Only
+        such recipes run when the config names several teachers.
+      aux_optim: an optimizer config (the keys of ``config.optim``) for the auxiliary
+        params (``"aux/..."``), e.g. a discriminator's own Adam at lr 1e-4; ``None``: they
+        train with the student's optimizer.
     """
 
     name: str
@@ -83,6 +89,8 @@ class Recipe:
     init_aux: Callable[..., Any] | None = None
     trainable: Callable[[str], bool] | None = None
     train_up_to: str | None = None
+    multi_teacher: bool = False
+    aux_optim: Mapping[str, Any] | None = None
 
 
 def make_weight_schedule(spec: Any) -> Callable[..., Array]:

@@ -8,3 +8,8 @@ from jaxkd.losses import features as _features
 from jaxkd.losses.features import *  # noqa: F401,F403  (its __all__ is the public list)
 
 __all__ += list(_features.__all__)
+
+from jaxkd.losses import ensemble as _ensemble
+from jaxkd.losses.ensemble import *  # noqa: F401,F403  (multi-teacher losses)
+
+__all__ += list(_ensemble.__all__)

@@ -131,6 +131,65 @@ def load_teacher(cfg, teacher: models_lib.ModelFns, sample_input):
     variables, meta = ckpt_lib.load_model_variables(cfg.teacher.workdir, template, cfg.teacher.checkpoint)
     return variables, meta
 
+def load_teachers(cfg, teacher: models_lib.ModelFns, sample_input, recipes, num_classes: int):
+    """``(teacher, variables, meta)``: :func:`load_teacher`'s one teacher, or several as one model.
+
+    Several teachers (``config.teachers``, or a list in ``config.teacher.workdir``; see
+    :func:`jaxkd.config.teacher_specs`) become an ensemble whose logits are ``[N, B, C]``
+    (:mod:`jaxkd.models.ensemble`): stacked params and one vmapped forward when they share an
+    architecture, else a tuple. Only multi-teacher recipes accept it.
+    """
+    from jaxkd.models import ensemble as ensemble_lib
+
+    specs = config_lib.teacher_specs(cfg)
+    if cfg.get("teachers") is None and len(specs) == 1:
+        return (teacher, *load_teacher(cfg, teacher, sample_input))
+    single = sorted({r.name for r in recipes if r.uses_teacher and not r.multi_teacher})
+    if len(specs) > 1 and single:
+        raise config_lib.ConfigError(
+            f"the config names {len(specs)} teachers but method(s) {single} distil from one; use a multi-teacher "
+            "method (ensemble_kd, random_teacher_kd, relabel_kd, meal_v2) or one teacher")
+    models, variables, metas = [], [], []
+    for i, spec in enumerate(specs):
+        where = f"teachers[{i}]" if cfg.get("teachers") is not None else f"teacher.workdir[{i}]"
+        model = _create(ml_collections.ConfigDict({"name": spec["name"], "kwargs": spec["kwargs"]}), where,
+                        num_classes)
+        template = model.init(jax.random.PRNGKey(0), sample_input)
+        v, meta = ckpt_lib.load_model_variables(spec["workdir"], template, spec["checkpoint"],
+                                                what=f"teacher {i} ({where})")
+        models.append(model)
+        variables.append(v)
+        metas.append(meta)
+    if len(specs) == 1:
+        return models[0], variables[0], metas[0]
+    accuracies = [m.get("accuracy") for m in metas]
+    meta = {"accuracy": (sum(accuracies) / len(accuracies) if None not in accuracies else None),
+            "accuracies": accuracies, "workdirs": [s["workdir"] for s in specs]}
+    if len({(s["name"], repr(sorted(s["kwargs"].items()))) for s in specs}) == 1:
+        return ensemble_lib.stacked_ensemble(models[0], len(models)), ensemble_lib.stack_variables(variables), meta
+    return ensemble_lib.tuple_ensemble(models), tuple(variables), meta
+
+
+def init_student_from(cfg, state):
+    """``state`` with the student's variables loaded from ``config.model.init_from`` (if set).
+
+    The best checkpoint of that work dir (``"{seed}"`` in the path is replaced by
+    ``config.seed``) must fit the student model; a mismatch is a :class:`ConfigError`.
+    """
+    src = cfg.model.get("init_from")
+    if not src:
+        return state
+    src = src.replace("{seed}", str(cfg.seed))
+    try:
+        variables, _ = ckpt_lib.load_model_variables(src, jax.device_get(state.student_variables()), "best",
+                                                     what="student")
+    except ckpt_lib.CheckpointError as e:
+        raise config_lib.ConfigError(f"config.model.init_from={src!r}: {e}") from None
+    variables = dict(variables)
+    params = variables.pop("params")
+    return state.replace(params={**state.params, "student": params},
+                         model_state={**state.model_state, "student": variables})
+
 
 def evaluate(eval_step, variables, source, batch_size: int, mesh) -> dict:
     """Accuracy and mean CE over the whole eval source (padded last batch masked)."""
@@ -241,7 +300,7 @@ def _train(config, workdir, mesh, allow_config_change, stop_after_steps):
     sample = jnp.zeros((1, *info.input_shape), jnp.float32)
     teacher_vars, teacher_meta = None, None
     if uses_teacher:
-        teacher_vars, teacher_meta = load_teacher(config, teacher, sample)
+        teacher, teacher_vars, teacher_meta = load_teachers(config, teacher, sample, stage_recipes, info.num_classes)
         teacher_vars = jax.device_put(teacher_vars, step_lib.replicated(mesh))
     optimizers = [optim_lib.make_optimizer(st.optim, steps_per_epoch, st.num_epochs) for st in stages]
 
@@ -279,6 +338,7 @@ def _train(config, workdir, mesh, allow_config_change, stop_after_steps):
         state_stage = _stage_of_checkpoint(stages, start_step)
     else:
         start_step, state_stage = 0, 0
+        state = init_student_from(config, state)
         state = jax.device_put(state, step_lib.replicated(mesh))
     if start_step >= total_steps:
         logger.close()

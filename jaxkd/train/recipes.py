@@ -56,6 +56,8 @@ def hinton_kd_recipe(temperature: float = 4.0, alpha: Any = 0.9, gamma: Any = 0.
 from jaxkd.methods.bss import bss_recipe  # noqa: E402
 from jaxkd.methods.feature_kd import (attention_recipe, fitnets_hint_recipe, fitnets_recipe,  # noqa: E402
                                       fsp_recipe)
+from jaxkd.methods.ensemble import ensemble_kd_recipe, random_teacher_kd_recipe, relabel_kd_recipe  # noqa: E402
+from jaxkd.methods.meal import meal_v2_recipe  # noqa: E402
 
 RECIPES: dict[str, Callable[..., Recipe]] = {
     "ce": cross_entropy_recipe,
@@ -65,6 +67,10 @@ RECIPES: dict[str, Callable[..., Recipe]] = {
     "fitnets_hint": fitnets_hint_recipe,
     "at": attention_recipe,
     "fsp": fsp_recipe,
+    "ensemble_kd": ensemble_kd_recipe,
+    "random_teacher_kd": random_teacher_kd_recipe,
+    "relabel_kd": relabel_kd_recipe,
+    "meal_v2": meal_v2_recipe,
 }
 
 

@@ -1,0 +1,230 @@
+"""Multi-teacher losses against numpy, the ensemble teacher model, the config and the loop."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxkd import config as config_lib
+from jaxkd import losses
+from jaxkd.experiment import teacher_config
+from jaxkd.models import create_model
+from jaxkd.models.ensemble import stack_variables, stacked_ensemble, tuple_ensemble, unstack_variables
+from jaxkd.train import step as step_lib
+from jaxkd.train.loop import train_and_evaluate
+from jaxkd.train.recipes import build_recipe
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+N, B, C = 3, 5, 4
+
+
+def _np_softmax(z):
+    z = z - z.max(-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(-1, keepdims=True)
+
+
+def _logits(seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.normal(size=(B, C)).astype(np.float32) * 2, rng.normal(size=(N, B, C)).astype(np.float32) * 3)
+
+
+def _np_kl(p, q):
+    return np.sum(p * (np.log(p) - np.log(q)), -1)
+
+
+@pytest.mark.parametrize("weights", [None, [0.2, 0.3, 0.5], [1.0, 0.0, 3.0]])
+def test_ensemble_kd_matches_numpy(weights):
+    s, t = _logits()
+    T = 2.0
+    w = np.full(N, 1 / N) if weights is None else np.asarray(weights) / np.sum(weights)
+    pbar = np.einsum("n,nbc->bc", w, _np_softmax(t / T))
+    want = T ** 2 * _np_kl(pbar, _np_softmax(s / T))
+    np.testing.assert_allclose(losses.ensemble_kd(jnp.asarray(s), jnp.asarray(t), T, weights), want, rtol=1e-5)
+    # one teacher: Hinton KD
+    np.testing.assert_allclose(losses.ensemble_kd(s, t[:1], T), losses.hinton_kd(s, t[0], T), rtol=1e-5)
+    np.testing.assert_allclose(losses.ensemble_kd(s, t[0], T), losses.hinton_kd(s, t[0], T), rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["neg_entropy", "max_prob"])
+def test_confidence_weights_match_numpy(kind):
+    s, t = _logits(1)
+    T, tau = 2.0, 0.5
+    p = _np_softmax(t / T)
+    conf = np.sum(p * np.log(p), -1) if kind == "neg_entropy" else p.max(-1)
+    w = np.exp(conf / tau) / np.exp(conf / tau).sum(0, keepdims=True)  # [N, B]
+    got = losses.confidence_weights(t, kind, T, tau)
+    np.testing.assert_allclose(got, w, rtol=1e-5)
+    pbar = np.einsum("nb,nbc->bc", w, p)
+    np.testing.assert_allclose(losses.ensemble_kd(s, t, T, got), T ** 2 * _np_kl(pbar, _np_softmax(s / T)),
+                               rtol=1e-5)
+    # the recipe's confidence weighting is the same loss
+    recipe = build_recipe({"name": "ensemble_kd", "temperature": T, "confidence": kind, "weight_temperature": tau,
+                           "alpha": 1.0, "gamma": 0.0})
+    total, parts = recipe.loss(_inputs(s, t))
+    np.testing.assert_allclose(total, parts["kd"])
+    np.testing.assert_allclose(parts["kd"], T ** 2 * _np_kl(pbar, _np_softmax(s / T)), rtol=1e-5)
+
+
+def _inputs(s, t, rng=jax.random.PRNGKey(0)):
+    from jaxkd.core import LossInputs
+    return LossInputs(student_logits=jnp.asarray(s), student_features={}, teacher_logits=jnp.asarray(t),
+                      teacher_features={}, labels=jnp.arange(B) % C, step=jnp.zeros((), jnp.int32), aux_params={},
+                      rng=rng, stage_step=jnp.zeros((), jnp.int32))
+
+
+def test_relabel_kd_matches_numpy_and_has_the_uniform_ensemble_gradient():
+    s, t = _logits(2)
+    T = 3.0
+    q = _np_softmax(s / T)
+    want = T ** 2 * np.mean([_np_kl(_np_softmax(t[n] / T), q) for n in range(N)], 0)
+    np.testing.assert_allclose(losses.relabel_kd(s, t, T), want, rtol=1e-5)
+    g_relabel = jax.grad(lambda z: jnp.sum(losses.relabel_kd(z, t, T)))(jnp.asarray(s))
+    g_avg = jax.grad(lambda z: jnp.sum(losses.ensemble_kd(z, t, T)))(jnp.asarray(s))
+    np.testing.assert_allclose(g_relabel, g_avg, rtol=1e-4, atol=1e-6)
+
+
+def test_random_teacher_is_reproducible_varies_and_matches_numpy():
+    s, t = _logits(3)
+    T = 2.0
+    key = jax.random.PRNGKey(7)
+    k = np.asarray(losses.choose_teachers(key, N, 64, "example"))
+    np.testing.assert_array_equal(k, losses.choose_teachers(key, N, 64, "example"))  # same key, same draw
+    assert set(k) == set(range(N))  # all teachers used within a batch
+    draws = {tuple(np.asarray(losses.choose_teachers(jax.random.PRNGKey(i), N, 64))) for i in range(5)}
+    assert len(draws) == 5  # different keys, different draws
+    per_batch = [np.asarray(losses.choose_teachers(jax.random.PRNGKey(i), N, 8, "batch")) for i in range(20)]
+    assert all(len(set(b)) == 1 for b in per_batch) and len({b[0] for b in per_batch}) > 1
+    kb = np.asarray(losses.choose_teachers(key, N, B, "example"))
+    want = T ** 2 * np.array([_np_kl(_np_softmax(t[kb[i], i] / T), _np_softmax(s[i] / T)) for i in range(B)])
+    np.testing.assert_allclose(losses.random_teacher_kd(s, t, key, T), want, rtol=1e-5)
+    # the recipe draws from LossInputs.rng
+    recipe = build_recipe({"name": "random_teacher_kd", "temperature": T, "alpha": 1.0, "gamma": 0.0})
+    np.testing.assert_allclose(recipe.loss(_inputs(s, t, key))[1]["kd"], want, rtol=1e-5)
+
+
+def test_meal_v2_kd_matches_numpy():
+    s, t = _logits(4)
+    pbar = _np_softmax(t).mean(0)
+    np.testing.assert_allclose(losses.meal_v2_kd(s, t), -np.sum(pbar * np.log(_np_softmax(s)), -1), rtol=1e-5)
+
+
+def test_bad_shapes_and_options():
+    s, t = _logits()
+    with pytest.raises(ValueError, match="num_teachers"):
+        losses.ensemble_kd(s, t[None], 1.0)
+    with pytest.raises(ValueError, match="disagree"):
+        losses.relabel_kd(s[:2], t, 1.0)
+    with pytest.raises(ValueError, match="weights"):
+        losses.ensemble_kd(s, t, 1.0, [1.0, 2.0])
+    with pytest.raises(ValueError, match="not both"):
+        build_recipe({"name": "ensemble_kd", "weights": [1, 1, 1], "confidence": "max_prob"})
+    with pytest.raises(ValueError, match="per"):
+        build_recipe({"name": "random_teacher_kd", "per": "epoch"})
+
+
+def _x():
+    return jax.random.normal(jax.random.PRNGKey(1), (6, 8, 8, 1))
+
+
+def test_stacked_vmap_forward_equals_looping_teachers():
+    cnn = create_model("cnn", 10, width=4, hidden=8)
+    x = _x()
+    vs = [cnn.init(jax.random.PRNGKey(i), x) for i in range(3)]
+    ens = stacked_ensemble(cnn, 3)
+    logits, feats, _ = jax.jit(lambda v, x: ens.apply(v, x, train=False))(stack_variables(vs), x)
+    assert logits.shape == (3, 6, 10)
+    for n, v in enumerate(vs):
+        l_n, f_n, _ = cnn.apply(v, x, train=False)
+        np.testing.assert_allclose(logits[n], l_n, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(feats["embedding"][n], f_n["embedding"], rtol=1e-5, atol=1e-6)
+    back = unstack_variables(stack_variables(vs), 3)
+    jax.tree.map(np.testing.assert_array_equal, back[2], jax.tree.map(np.asarray, vs[2]))
+    # different architectures: a tuple, same logits as each teacher alone
+    mlp = create_model("mlp", 10, hidden=(16,))
+    tup = tuple_ensemble([cnn, mlp])
+    tv = (vs[0], mlp.init(jax.random.PRNGKey(5), x))
+    tl, tf, _ = tup.apply(tv, x, train=False)
+    np.testing.assert_allclose(tl[1], mlp.apply(tv[1], x, train=False)[0], rtol=1e-6)
+    assert "teacher1/hidden1" in tf and "teacher0/stage1" in tf
+    with pytest.raises(ValueError, match="same architecture"):
+        stack_variables([vs[0], tv[1]])
+
+
+def test_train_step_with_ensemble_keeps_teachers_and_trains_student():
+    cnn = create_model("cnn", 10, width=4, hidden=8)
+    student = create_model("mlp", 10, hidden=(8,))
+    x = jnp.zeros((1, 8, 8, 1))
+    t_vars = stack_variables([cnn.init(jax.random.PRNGKey(i), x) for i in range(3)])
+    before = jax.tree.map(np.array, t_vars)
+    ens = stacked_ensemble(cnn, 3)
+    recipe = build_recipe({"name": "random_teacher_kd", "per": "batch"})
+    tx = optax.sgd(0.1)
+    state = step_lib.create_train_state(jax.random.PRNGKey(0), student, recipe, tx, x, teacher=ens,
+                                        teacher_variables=t_vars)
+    s0 = jax.tree.map(np.array, state.params["student"])
+    step = step_lib.make_train_step(student, recipe, tx, step_lib.InputPipeline((0.0,), (1.0,)), teacher=ens)
+    batch = {"image": jax.random.uniform(jax.random.PRNGKey(2), (16, 8, 8, 1)), "label": jnp.arange(16) % 10}
+    for _ in range(2):
+        state, metrics = step(state, t_vars, batch)
+    assert np.isfinite(float(metrics["kd"])) and 0 <= float(metrics["teacher_accuracy"]) <= 1
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, t_vars), before)
+    assert not np.array_equal(jax.tree.leaves(state.params["student"])[0], jax.tree.leaves(s0)[0])
+
+
+# ---- through the config and the loop (tiny teachers trained for one epoch) ----
+
+def _config(**over):
+    c = config_lib.load_config(os.path.join(ROOT, "experiments/configs/digits.py"))
+    c.model.kwargs = {"hidden": (16,)}
+    c.teacher.kwargs = {"width": 4, "hidden": 16}
+    c.data.num_train_examples = 256
+    c.train.progress = c.train.tensorboard = False
+    c.train.num_epochs = 1
+    return config_lib.apply_overrides(c, [f"{k}={v!r}" for k, v in over.items()])
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory, data_dir):
+    dirs = []
+    for seed, kwargs in ((0, {"width": 4, "hidden": 16}), (1, {"width": 4, "hidden": 16})):
+        wd = str(tmp_path_factory.mktemp(f"teacher{seed}"))
+        c = teacher_config(_config(seed=seed))
+        c.model.kwargs = kwargs
+        c.data.num_train_examples = 256
+        train_and_evaluate(c, wd)
+        dirs.append(wd)
+    return dirs
+
+
+def test_loop_stacked_and_tuple_ensembles(tmp_path, teachers):
+    s = train_and_evaluate(_config(**{"teacher.workdir": teachers, "method": {"name": "ensemble_kd"}}),
+                           str(tmp_path / "stacked"))
+    assert s["best_accuracy"] is not None and s["teacher_accuracy"] is not None
+    # a tuple (different architectures): an mlp "teacher" trained as a baseline student
+    mlp_dir = str(tmp_path / "mlp_teacher")
+    train_and_evaluate(_config(method={"name": "ce"}), mlp_dir)
+    teachers_cfg = [{"workdir": teachers[0]}, {"name": "mlp", "kwargs": {"hidden": (16,)}, "workdir": mlp_dir}]
+    s = train_and_evaluate(_config(teachers=teachers_cfg, method={"name": "relabel_kd"}), str(tmp_path / "tuple"))
+    assert s["best_accuracy"] is not None
+
+
+@pytest.mark.parametrize("over, match", [
+    ({"teacher.workdir": []}, "teacher.workdir"),
+    ({"teachers": [{"name": "cnn"}]}, r"teachers\[0\].workdir"),
+    ({"teachers": [{"workdir": "x", "lr": 1}]}, "unknown key"),
+    ({"teachers": [{"workdir": "x", "name": "nope"}]}, "unknown model"),
+    ({"teachers": "x"}, "teachers"),
+])
+def test_bad_teacher_configs(tmp_path, over, match):
+    with pytest.raises(config_lib.ConfigError, match=match):
+        train_and_evaluate(_config(method={"name": "ensemble_kd"}, **over), str(tmp_path / "bad"))
+
+
+def test_several_teachers_with_a_single_teacher_method_is_refused(tmp_path, teachers):
+    with pytest.raises(config_lib.ConfigError, match="multi-teacher"):
+        train_and_evaluate(_config(**{"teacher.workdir": teachers, "method": {"name": "hinton_kd"}}),
+                           str(tmp_path / "kd"))
