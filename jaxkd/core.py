@@ -81,6 +81,13 @@ class Recipe:
       aux_optim: an optimizer config (the keys of ``config.optim``) for the auxiliary
         params (``"aux/..."``), e.g. a discriminator's own Adam at lr 1e-4; ``None``: they
         train with the student's optimizer.
+      trains_teacher: the teacher (``config.teacher``) trains jointly with the student
+        (Apprentice): it is the auxiliary module ``aux/teacher`` (params; batch stats in
+        ``model_state["aux"]``), starts from ``config.teacher.workdir`` when that is set, else
+        from scratch, runs in train mode inside the step, and its logits/features arrive as
+        ``teacher_logits``/``teacher_features`` *with* gradients (the loss decides what
+        reaches the teacher). Checkpointed with the run, evaluated each epoch, never exported
+        as the student. Not combined with a frozen teacher (``uses_teacher``).
     """
 
     name: str
@@ -91,6 +98,7 @@ class Recipe:
     train_up_to: str | None = None
     multi_teacher: bool = False
     aux_optim: Mapping[str, Any] | None = None
+    trains_teacher: bool = False
 
 
 def make_weight_schedule(spec: Any) -> Callable[..., Array]:

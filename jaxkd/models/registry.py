@@ -150,7 +150,9 @@ def create_model(name: str, num_classes: int, **kwargs: Any) -> ModelFns:
         ``"bfloat16"``; parameters stay float32). ``resnet``: ``depth`` (6n+2), ``widths``
         (4 ints). ``wrn``: ``depth`` (6n+4), ``widen_factor``; WRNs: ``dropout_rate``.
         ``cnn``: ``width``, ``hidden``, ``dropout_rate``. ``mlp``: ``hidden`` (widths),
-        ``dropout_rate``.
+        ``dropout_rate``. Every model also takes ``quant`` (a mapping with ``weight_bits``,
+        ``act_bits``, ``per_channel``, ``act_clip``, ``skip``): the low-precision version, see
+        :mod:`jaxkd.models.quant`.
 
     Raises:
       ValueError: unknown name (the message lists the available ones and close matches),
@@ -164,6 +166,11 @@ def create_model(name: str, num_classes: int, **kwargs: Any) -> ModelFns:
         raise ValueError(
             f"unknown model {name!r}.{hint} Available models: {', '.join(list_models())}"
         )
+    quant = kwargs.pop("quant", None)
     _check_kwargs(name, builder, kwargs)
     built = builder(num_classes, **kwargs)
-    return built if isinstance(built, ModelFns) else from_linen(built, name)
+    fns = built if isinstance(built, ModelFns) else from_linen(built, name)
+    if quant:
+        from jaxkd.models.quant import quantize_from_config
+        fns = quantize_from_config(fns, quant)
+    return fns

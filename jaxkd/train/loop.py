@@ -30,7 +30,9 @@ from jaxkd import config as config_lib
 from jaxkd import data as data_lib
 from jaxkd import models as models_lib
 from jaxkd.train import checkpoint as ckpt_lib
+from jaxkd.train import joint_teacher as joint_lib
 from jaxkd.train import optim as optim_lib
+from jaxkd.train import param_groups
 from jaxkd.train import recipes as recipes_lib
 from jaxkd.train import step as step_lib
 
@@ -130,6 +132,7 @@ def load_teacher(cfg, teacher: models_lib.ModelFns, sample_input):
     template = teacher.init(jax.random.PRNGKey(0), sample_input)
     variables, meta = ckpt_lib.load_model_variables(cfg.teacher.workdir, template, cfg.teacher.checkpoint)
     return variables, meta
+
 
 def load_teachers(cfg, teacher: models_lib.ModelFns, sample_input, recipes, num_classes: int):
     """``(teacher, variables, meta)``: :func:`load_teacher`'s one teacher, or several as one model.
@@ -295,17 +298,25 @@ def _train(config, workdir, mesh, allow_config_change, stop_after_steps):
             where = f"config.stages[{st.index}].method" if config.get("stages") else "config.method"
             raise config_lib.ConfigError(f"{where}: {e}") from None
     uses_teacher = any(r.uses_teacher for r in stage_recipes)
+    trains_teacher = any(r.trains_teacher for r in stage_recipes)  # Apprentice: teacher in aux/teacher
+    if uses_teacher and trains_teacher:
+        raise config_lib.ConfigError("a run cannot mix a frozen teacher with a jointly trained one (stages)")
     student = _create(config.model, "model", info.num_classes)
-    teacher = _create(config.teacher, "teacher", info.num_classes) if uses_teacher else None
+    teacher = _create(config.teacher, "teacher", info.num_classes) if uses_teacher or trains_teacher else None
     sample = jnp.zeros((1, *info.input_shape), jnp.float32)
-    teacher_vars, teacher_meta = None, None
+    teacher_vars, teacher_meta, joint_init = None, None, None
     if uses_teacher:
         teacher, teacher_vars, teacher_meta = load_teachers(config, teacher, sample, stage_recipes, info.num_classes)
         teacher_vars = jax.device_put(teacher_vars, step_lib.replicated(mesh))
-    optimizers = [optim_lib.make_optimizer(st.optim, steps_per_epoch, st.num_epochs) for st in stages]
+    if trains_teacher:
+        joint_init, teacher_meta = joint_lib.initial_variables(
+            config, teacher, sample, jax.random.fold_in(jax.random.PRNGKey(config.seed), 1))
+    optimizers = [param_groups.make_optimizer(st.optim, getattr(r, "aux_optim", None), steps_per_epoch,
+                                              st.num_epochs) for st, r in zip(stages, stage_recipes)]
 
     state = step_lib.create_train_state(jax.random.PRNGKey(config.seed), student, stage_recipes,
-                                        optimizers[0][0], sample, teacher=teacher, teacher_variables=teacher_vars)
+                                        optimizers[0][0], sample, teacher=teacher, teacher_variables=teacher_vars,
+                                        trainable_teacher_variables=joint_init)
 
     stage_recipes = [step_lib.resolve_trainable(r, student, state.student_variables(), sample)
                      for r in stage_recipes]
@@ -340,11 +351,15 @@ def _train(config, workdir, mesh, allow_config_change, stop_after_steps):
         start_step, state_stage = 0, 0
         state = init_student_from(config, state)
         state = jax.device_put(state, step_lib.replicated(mesh))
+    if trains_teacher:  # report the jointly trained teacher, not its starting point
+        teacher_meta = {"accuracy": meta.get("joint_teacher_best_accuracy")}
     if start_step >= total_steps:
         logger.close()
         return _summary(meta, config, teacher_meta, total_steps)
 
     eval_step = step_lib.make_eval_step(student, pipeline, mesh=mesh)
+    joint_eval = (joint_lib.JointTeacherEval(workdir, teacher, pipeline, mesh, evaluate, eval_src,
+                                             d.eval_batch_size, cfg_dict) if trains_teacher else None)
     progress = _progress(config, steps_per_epoch * d.batch_size)
     inflight: collections.deque = collections.deque()
     epoch_sums = collections.defaultdict(float, meta.get("epoch_sums", {}))
@@ -408,6 +423,8 @@ def _train(config, workdir, mesh, allow_config_change, stop_after_steps):
                     if do_eval:
                         ev = evaluate(eval_step, state.student_variables(), eval_src, d.eval_batch_size, mesh)
                         record.update({"eval/accuracy": ev["accuracy"], "eval/loss": ev["loss"]})
+                        if joint_eval is not None:
+                            record.update(joint_eval(state, step, epoch, meta))
                     record["time_s"] = meta["train_time_s"] + time.perf_counter() - t_start
                     logger.write(record)
                     meta["history"].append(record)
@@ -441,6 +458,9 @@ def _train(config, workdir, mesh, allow_config_change, stop_after_steps):
         run_mgr.wait_until_finished()
         best_mgr.wait_until_finished()
         logger.close()
+    if joint_eval is not None:
+        joint_eval.finish(meta, meta["history"][-1].get("eval/teacher_accuracy") if meta["history"] else None)
+        teacher_meta = {"accuracy": meta.get("joint_teacher_best_accuracy")}
     summary = _summary(meta, config, teacher_meta, step)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "summary.json"), "w") as f:

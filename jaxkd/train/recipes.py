@@ -56,6 +56,8 @@ def hinton_kd_recipe(temperature: float = 4.0, alpha: Any = 0.9, gamma: Any = 0.
 from jaxkd.methods.bss import bss_recipe  # noqa: E402
 from jaxkd.methods.feature_kd import (attention_recipe, fitnets_hint_recipe, fitnets_recipe,  # noqa: E402
                                       fsp_recipe)
+from jaxkd.methods.apprentice import apprentice_recipe  # noqa: E402
+from jaxkd.methods.label_refinery import label_refinery_recipe  # noqa: E402
 from jaxkd.methods.ensemble import ensemble_kd_recipe, random_teacher_kd_recipe, relabel_kd_recipe  # noqa: E402
 from jaxkd.methods.meal import meal_v2_recipe  # noqa: E402
 
@@ -67,6 +69,8 @@ RECIPES: dict[str, Callable[..., Recipe]] = {
     "fitnets_hint": fitnets_hint_recipe,
     "at": attention_recipe,
     "fsp": fsp_recipe,
+    "apprentice": apprentice_recipe,
+    "label_refinery": label_refinery_recipe,
     "ensemble_kd": ensemble_kd_recipe,
     "random_teacher_kd": random_teacher_kd_recipe,
     "relabel_kd": relabel_kd_recipe,

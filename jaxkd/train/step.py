@@ -69,17 +69,24 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def create_train_state(rng, student: ModelFns, recipes: Recipe | Sequence[Recipe],
                        tx: optax.GradientTransformation, sample_input, teacher: ModelFns | None = None,
-                       teacher_variables=None) -> TrainState:
+                       teacher_variables=None, trainable_teacher_variables=None) -> TrainState:
     """Initialises student and auxiliary params, model state and optimizer state.
 
     ``recipes`` may be several (the stages of a run): the auxiliary modules of all of them
     are created up front, so the params tree is the same in every stage.
+    ``trainable_teacher_variables`` (recipes with ``trains_teacher``) become the auxiliary
+    module ``"teacher"``: ``params["aux"]["teacher"]`` and ``model_state["aux"][coll]["teacher"]``.
     """
     recipes = [recipes] if isinstance(recipes, Recipe) else list(recipes)
     init_rng, aux_rng, state_rng = jax.random.split(rng, 3)
     variables = dict(student.init(init_rng, sample_input))
     params = {"student": variables.pop("params"), "aux": {}}
     model_state = {"student": variables, "aux": {}}
+    if trainable_teacher_variables is not None:
+        t_vars = dict(trainable_teacher_variables)
+        params["aux"][JOINT_TEACHER] = t_vars.pop("params")
+        for coll, tree in t_vars.items():
+            model_state["aux"].setdefault(coll, {})[JOINT_TEACHER] = tree
     with_aux = [r for r in recipes if r.init_aux is not None]
     if with_aux:
         _, s_feats, _ = student.apply({"params": params["student"], **variables}, sample_input, train=False)
@@ -97,6 +104,22 @@ def create_train_state(rng, student: ModelFns, recipes: Recipe | Sequence[Recipe
                 model_state["aux"].setdefault(coll, {}).update(tree)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
                       opt_state=tx.init(params), rng=state_rng)
+
+
+JOINT_TEACHER = "teacher"  # name of a jointly trained teacher among the auxiliary modules
+
+
+def joint_teacher_variables(aux_params, aux_state) -> dict:
+    """The Flax variables of the jointly trained teacher (``aux/teacher``)."""
+    return {"params": aux_params[JOINT_TEACHER],
+            **{coll: tree[JOINT_TEACHER] for coll, tree in aux_state.items() if JOINT_TEACHER in tree}}
+
+
+def _with_joint_teacher_state(aux_state, teacher_state):
+    out = dict(aux_state)
+    for coll, tree in teacher_state.items():
+        out[coll] = {**aux_state.get(coll, {}), JOINT_TEACHER: tree}
+    return out
 
 
 def param_path(path) -> str:
@@ -168,7 +191,7 @@ def make_train_step(student: ModelFns, recipe: Recipe, tx: optax.GradientTransfo
     ``lr_schedule`` is evaluated at the stage step as well. Params outside
     ``recipe.trainable`` keep their values and batch statistics exactly.
     """
-    if recipe.uses_teacher and teacher is None:
+    if (recipe.uses_teacher or recipe.trains_teacher) and teacher is None:
         raise ValueError(f"method {recipe.name!r} needs a teacher model; none was given")
 
     def step(state: TrainState, teacher_variables, batch):
@@ -198,17 +221,30 @@ def make_train_step(student: ModelFns, recipe: Recipe, tx: optax.GradientTransfo
                 out_logits, out_feats, _ = student.apply(variables, inputs, train=True, rng=dropout_rng)
                 return out_logits, out_feats
 
-            out = recipe.loss(LossInputs(
-                student_logits=logits, student_features=feats, teacher_logits=t_logits,
-                teacher_features=t_feats, labels=labels, step=state.step, aux_params=params["aux"],
-                aux_state=state.model_state["aux"], rng=loss_rng, stage_step=stage_step, epoch=epoch,
-                num_epochs=num_epochs, stage_progress=progress, inputs=x, student_apply=student_fn,
-                teacher_apply=teacher_fn))
-            per_example, parts = out[0], out[1]
-            new_aux_state = out[2] if len(out) > 2 else state.model_state["aux"]
-            return jnp.mean(per_example), ({"student": new_student_state, "aux": new_aux_state}, parts, logits)
+            aux_state, tl, tf, t_apply = state.model_state["aux"], t_logits, t_feats, teacher_fn
+            if recipe.trains_teacher:  # the jointly trained teacher: train mode, differentiated
+                t_vars = joint_teacher_variables(params["aux"], aux_state)
+                t_rng = jax.random.fold_in(dropout_rng, 1)
+                tl, tf, new_t_state = teacher.apply(t_vars, x, train=True, rng=t_rng)
+                aux_state = _with_joint_teacher_state(aux_state, new_t_state)
 
-        (loss, (new_model_state, parts, logits)), grads = jax.value_and_grad(
+                def t_apply(inputs):
+                    out_logits, out_feats, _ = teacher.apply(t_vars, inputs, train=True, rng=t_rng)
+                    return out_logits, out_feats
+
+            out = recipe.loss(LossInputs(
+                student_logits=logits, student_features=feats, teacher_logits=tl,
+                teacher_features=tf, labels=labels, step=state.step, aux_params=params["aux"],
+                aux_state=aux_state, rng=loss_rng, stage_step=stage_step, epoch=epoch,
+                num_epochs=num_epochs, stage_progress=progress, inputs=x, student_apply=student_fn,
+                teacher_apply=t_apply))
+            per_example, parts = out[0], out[1]
+            new_aux_state = out[2] if len(out) > 2 else aux_state
+            joint_logits = tl if recipe.trains_teacher else None
+            return jnp.mean(per_example), ({"student": new_student_state, "aux": new_aux_state}, parts, logits,
+                                           joint_logits)
+
+        (loss, (new_model_state, parts, logits, joint_logits)), grads = jax.value_and_grad(
             loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -219,8 +255,9 @@ def make_train_step(student: ModelFns, recipe: Recipe, tx: optax.GradientTransfo
         metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
                    "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
         metrics.update({k: jnp.mean(v) for k, v in parts.items()})
-        if t_logits is not None:
-            metrics["teacher_accuracy"] = jnp.mean(jnp.argmax(t_logits, -1) == labels)
+        if t_logits is not None or joint_logits is not None:
+            tl = t_logits if t_logits is not None else joint_logits
+            metrics["teacher_accuracy"] = jnp.mean(jnp.argmax(tl, -1) == labels)
         if lr_schedule is not None:
             metrics["lr"] = lr_schedule(stage_step)
         new_state = state.replace(step=state.step + 1, params=params, model_state=new_model_state,
