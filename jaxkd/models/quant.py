@@ -64,7 +64,7 @@ def fake_quant(x: chex.Array, bits: int | None, *, signed: bool = True, axis: in
 
     Returns:
       ``round(clip(x) / scale) * scale`` in the forward pass; the gradient is 1 where ``x``
-      is inside the range and 0 where it was clipped.
+      is inside the range (bounds included) and 0 where it was clipped.
 
     Example:
       >>> import jax.numpy as jnp
@@ -81,10 +81,11 @@ def fake_quant(x: chex.Array, bits: int | None, *, signed: bool = True, axis: in
     if clip is not None:
         if clip <= 0:
             raise ValueError(f"clip must be > 0; got {clip}")
-        xc = jnp.clip(x, lo * clip, clip)
+        # (not jnp.clip, whose gradient is 1/2 exactly at the bounds: here it is 1 on [lo, hi])
+        xc = jnp.where(x > clip, clip, jnp.where(x < lo * clip, lo * clip, x)).astype(x.dtype)
         scale = jnp.asarray(clip / n, x.dtype)
     else:
-        xc = x if signed else jnp.maximum(x, 0.0)
+        xc = x if signed else jnp.where(x < 0, 0.0, x).astype(x.dtype)
         if axis is None:
             reduce = tuple(range(x.ndim))
         else:
