@@ -133,12 +133,14 @@ def _x():
 def test_stacked_vmap_forward_equals_looping_teachers():
     cnn = create_model("cnn", 10, width=4, hidden=8)
     x = _x()
-    vs = [cnn.init(jax.random.PRNGKey(i), x) for i in range(3)]
+    init = jax.jit(cnn.init)  # (eager Flax init is slow on CPU)
+    vs = [init(jax.random.PRNGKey(i), x) for i in range(3)]
     ens = stacked_ensemble(cnn, 3)
     logits, feats, _ = jax.jit(lambda v, x: ens.apply(v, x, train=False))(stack_variables(vs), x)
     assert logits.shape == (3, 6, 10)
+    one = jax.jit(lambda v, x: cnn.apply(v, x, train=False))
     for n, v in enumerate(vs):
-        l_n, f_n, _ = cnn.apply(v, x, train=False)
+        l_n, f_n, _ = one(v, x)
         np.testing.assert_allclose(logits[n], l_n, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(feats["embedding"][n], f_n["embedding"], rtol=1e-5, atol=1e-6)
     back = unstack_variables(stack_variables(vs), 3)
@@ -146,9 +148,10 @@ def test_stacked_vmap_forward_equals_looping_teachers():
     # different architectures: a tuple, same logits as each teacher alone
     mlp = create_model("mlp", 10, hidden=(16,))
     tup = tuple_ensemble([cnn, mlp])
-    tv = (vs[0], mlp.init(jax.random.PRNGKey(5), x))
-    tl, tf, _ = tup.apply(tv, x, train=False)
-    np.testing.assert_allclose(tl[1], mlp.apply(tv[1], x, train=False)[0], rtol=1e-6)
+    tv = (vs[0], jax.jit(mlp.init)(jax.random.PRNGKey(5), x))
+    tl, tf, _ = jax.jit(lambda v, x: tup.apply(v, x, train=False))(tv, x)
+    np.testing.assert_allclose(tl[1], mlp.apply(tv[1], x, train=False)[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(tl[0], logits[0], rtol=1e-5, atol=1e-6)
     assert "teacher1/hidden1" in tf and "teacher0/stage1" in tf
     with pytest.raises(ValueError, match="same architecture"):
         stack_variables([vs[0], tv[1]])
@@ -158,7 +161,7 @@ def test_train_step_with_ensemble_keeps_teachers_and_trains_student():
     cnn = create_model("cnn", 10, width=4, hidden=8)
     student = create_model("mlp", 10, hidden=(8,))
     x = jnp.zeros((1, 8, 8, 1))
-    t_vars = stack_variables([cnn.init(jax.random.PRNGKey(i), x) for i in range(3)])
+    t_vars = stack_variables([jax.jit(cnn.init)(jax.random.PRNGKey(i), x) for i in range(3)])
     before = jax.tree.map(np.array, t_vars)
     ens = stacked_ensemble(cnn, 3)
     recipe = build_recipe({"name": "random_teacher_kd", "per": "batch"})
@@ -181,7 +184,7 @@ def _config(**over):
     c = config_lib.load_config(os.path.join(ROOT, "experiments/configs/digits.py"))
     c.model.kwargs = {"hidden": (16,)}
     c.teacher.kwargs = {"width": 4, "hidden": 16}
-    c.data.num_train_examples = 256
+    c.data.num_train_examples = 128
     c.train.progress = c.train.tensorboard = False
     c.train.num_epochs = 1
     return config_lib.apply_overrides(c, [f"{k}={v!r}" for k, v in over.items()])
@@ -189,25 +192,23 @@ def _config(**over):
 
 @pytest.fixture(scope="module")
 def teachers(tmp_path_factory, data_dir):
-    dirs = []
-    for seed, kwargs in ((0, {"width": 4, "hidden": 16}), (1, {"width": 4, "hidden": 16})):
-        wd = str(tmp_path_factory.mktemp(f"teacher{seed}"))
-        c = teacher_config(_config(seed=seed))
-        c.model.kwargs = kwargs
-        c.data.num_train_examples = 256
-        train_and_evaluate(c, wd)
-        dirs.append(wd)
-    return dirs
+    """A cnn teacher and an mlp (a second architecture), one epoch on 128 images each."""
+    cnn_dir, mlp_dir = str(tmp_path_factory.mktemp("cnn_teacher")), str(tmp_path_factory.mktemp("mlp_teacher"))
+    tc = teacher_config(_config())
+    tc.data.num_train_examples = 128
+    train_and_evaluate(tc, cnn_dir)
+    train_and_evaluate(_config(method={"name": "ce"}), mlp_dir)
+    return cnn_dir, mlp_dir
 
 
 def test_loop_stacked_and_tuple_ensembles(tmp_path, teachers):
-    s = train_and_evaluate(_config(**{"teacher.workdir": teachers, "method": {"name": "ensemble_kd"}}),
+    cnn_dir, mlp_dir = teachers
+    # same architecture: teacher.workdir as a list -> stacked params, one vmapped forward
+    s = train_and_evaluate(_config(**{"teacher.workdir": [cnn_dir, cnn_dir], "method": {"name": "ensemble_kd"}}),
                            str(tmp_path / "stacked"))
     assert s["best_accuracy"] is not None and s["teacher_accuracy"] is not None
-    # a tuple (different architectures): an mlp "teacher" trained as a baseline student
-    mlp_dir = str(tmp_path / "mlp_teacher")
-    train_and_evaluate(_config(method={"name": "ce"}), mlp_dir)
-    teachers_cfg = [{"workdir": teachers[0]}, {"name": "mlp", "kwargs": {"hidden": (16,)}, "workdir": mlp_dir}]
+    # different architectures: config.teachers -> a tuple
+    teachers_cfg = [{"workdir": cnn_dir}, {"name": "mlp", "kwargs": {"hidden": (16,)}, "workdir": mlp_dir}]
     s = train_and_evaluate(_config(teachers=teachers_cfg, method={"name": "relabel_kd"}), str(tmp_path / "tuple"))
     assert s["best_accuracy"] is not None
 
@@ -226,5 +227,5 @@ def test_bad_teacher_configs(tmp_path, over, match):
 
 def test_several_teachers_with_a_single_teacher_method_is_refused(tmp_path, teachers):
     with pytest.raises(config_lib.ConfigError, match="multi-teacher"):
-        train_and_evaluate(_config(**{"teacher.workdir": teachers, "method": {"name": "hinton_kd"}}),
+        train_and_evaluate(_config(**{"teacher.workdir": [teachers[0]] * 2, "method": {"name": "hinton_kd"}}),
                            str(tmp_path / "kd"))

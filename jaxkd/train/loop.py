@@ -157,7 +157,7 @@ def load_teachers(cfg, teacher: models_lib.ModelFns, sample_input, recipes, num_
         where = f"teachers[{i}]" if cfg.get("teachers") is not None else f"teacher.workdir[{i}]"
         model = _create(ml_collections.ConfigDict({"name": spec["name"], "kwargs": spec["kwargs"]}), where,
                         num_classes)
-        template = model.init(jax.random.PRNGKey(0), sample_input)
+        template = jax.jit(model.init)(jax.random.PRNGKey(0), sample_input)  # (eager init is slow)
         v, meta = ckpt_lib.load_model_variables(spec["workdir"], template, spec["checkpoint"],
                                                 what=f"teacher {i} ({where})")
         models.append(model)

@@ -1,0 +1,173 @@
+"""MEAL V2: the loss against numpy, the adversarial split of gradients, the discriminator's own
+optimizer and params, and ``config.model.init_from``."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from orbax import checkpoint as ocp
+
+from jaxkd import config as config_lib
+from jaxkd.core import LossInputs
+from jaxkd.experiment import teacher_config
+from jaxkd.methods.meal import OutputDiscriminator
+from jaxkd.train import checkpoint as ckpt_lib
+from jaxkd.train.loop import train_and_evaluate
+from jaxkd.train.recipes import build_recipe
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _np_softmax(z):
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def _np_mlp(params, x):
+    for i in range(3):
+        layer = params[f"Dense_{i}"]
+        x = x @ np.asarray(layer["kernel"]) + np.asarray(layer["bias"])
+        if i < 2:
+            x = np.where(x > 0, x, 0.2 * x)
+    return x[..., 0]
+
+
+def _np_bce(logit, target):
+    p = 1 / (1 + np.exp(-logit))
+    return -(target * np.log(p) + (1 - target) * np.log(1 - p))
+
+
+def _setup(adv_weight=0.5):
+    rng = np.random.default_rng(0)
+    s = rng.normal(size=(6, 5)).astype(np.float32)
+    t = 2 * rng.normal(size=(3, 6, 5)).astype(np.float32)
+    recipe = build_recipe({"name": "meal_v2", "adv_weight": adv_weight, "disc_hidden": (8, 8)})
+    aux = recipe.init_aux(jax.random.PRNGKey(1), {"logits": jnp.asarray(s)}, None)
+    return s, t, recipe, aux["params"]
+
+
+def _inputs(s, t, aux_params):
+    return LossInputs(student_logits=jnp.asarray(s), student_features={}, teacher_logits=jnp.asarray(t),
+                      teacher_features={}, labels=jnp.zeros(6, jnp.int32), step=jnp.zeros((), jnp.int32),
+                      aux_params=aux_params, rng=jax.random.PRNGKey(0))
+
+
+def test_meal_v2_loss_matches_numpy():
+    s, t, recipe, aux = _setup(adv_weight=0.5)
+    total, parts = recipe.loss(_inputs(s, t, aux))
+    pbar, q = _np_softmax(t).mean(0), _np_softmax(s)
+    d = jax.tree.map(np.asarray, aux["discriminator"])
+    kd = -np.sum(pbar * np.log(q), -1)
+    disc = _np_bce(_np_mlp(d, pbar), 1.0) + _np_bce(_np_mlp(d, q), 0.0)
+    adv = _np_bce(_np_mlp(d, q), 1.0)
+    np.testing.assert_allclose(parts["kd"], kd, rtol=1e-5)
+    np.testing.assert_allclose(parts["disc"], disc, rtol=1e-5)
+    np.testing.assert_allclose(parts["adv"], adv, rtol=1e-5)
+    np.testing.assert_allclose(total, kd + 0.5 * adv + disc, rtol=1e-5)
+    assert total.shape == (6,) and "ce" not in parts  # soft labels only
+
+
+def test_each_player_gets_only_its_own_objective():
+    s, t, recipe, aux = _setup(adv_weight=0.5)
+
+    def total(student_logits, aux_params):
+        return jnp.mean(recipe.loss(_inputs(student_logits, t, aux_params))[0])
+
+    g_s, g_d = jax.grad(total, argnums=(0, 1))(jnp.asarray(s), aux)
+    # the student: kd + adv_weight * adv (the discriminator's loss sends it nothing)
+    want_s = jax.grad(lambda z: jnp.mean((lambda p: p["kd"] + 0.5 * p["adv"])(
+        recipe.loss(_inputs(z, t, aux))[1])))(jnp.asarray(s))
+    np.testing.assert_allclose(g_s, want_s, rtol=1e-5, atol=1e-7)
+    # the discriminator: only BCE(D(teacher), 1) + BCE(D(student), 0)
+    want_d = jax.grad(lambda a: jnp.mean(recipe.loss(_inputs(s, t, a))[1]["disc"]))(aux)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g_d, want_d)
+
+
+def test_bad_options():
+    for opts, match in (({"adv_weight": -1.0}, "adv_weight"), ({"disc_lr": 0.0}, "disc_lr"),
+                        ({"disc_optimizer": "rmsprop"}, "disc_optimizer"), ({"disc_hidden": (8,)}, "disc_hidden")):
+        with pytest.raises(ValueError, match=match):
+            build_recipe({"name": "meal_v2", **opts})
+    assert OutputDiscriminator((4, 4)).init(jax.random.PRNGKey(0), jnp.zeros((2, 3)))["params"].keys() == {
+        "Dense_0", "Dense_1", "Dense_2"}
+
+
+# ---- through the loop: tiny teacher and baseline student, one epoch each ----
+
+def _config(**over):
+    c = config_lib.load_config(os.path.join(ROOT, "experiments/configs/digits.py"))
+    c.model.kwargs = {"hidden": (16,)}
+    c.teacher.kwargs = {"width": 4, "hidden": 16}
+    c.data.num_train_examples = 128
+    c.train.progress = c.train.tensorboard = False
+    c.train.num_epochs = 1
+    return config_lib.apply_overrides(c, [f"{k}={v!r}" for k, v in over.items()])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_dir):
+    teacher = str(tmp_path_factory.mktemp("teacher"))
+    tc = teacher_config(_config())
+    tc.data.num_train_examples = 128
+    train_and_evaluate(tc, teacher)
+    student = str(tmp_path_factory.mktemp("student"))
+    train_and_evaluate(_config(method={"name": "ce"}), student)
+    return teacher, student
+
+
+def _state(workdir, step=None):
+    mgr = ckpt_lib.run_manager(workdir)
+    r = mgr.restore(step if step is not None else mgr.latest_step(),
+                    args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    return jax.tree.map(np.asarray, r.state)
+
+
+def test_meal_v2_run_from_pretrained_student(tmp_path, trained):
+    teacher, student = trained
+    wd = str(tmp_path / "meal")
+    cfg = _config(**{"teacher.workdir": [teacher, teacher], "method": {"name": "meal_v2", "disc_lr": 1e-3},
+                     "model.init_from": student, "train.checkpoint_every_steps": 1})
+    train_and_evaluate(cfg, wd, stop_after_steps=1)
+    first = _state(wd)
+    train_and_evaluate(cfg, wd)
+    last = _state(wd)
+    # the discriminator is checkpointed with the run and trains
+    d0, d1 = first["params"]["aux"]["discriminator"], last["params"]["aux"]["discriminator"]
+    assert not np.array_equal(d0["Dense_0"]["kernel"], d1["Dense_0"]["kernel"])
+    # ... with its own optimizer: Adam's moments for the aux group, SGD momentum for the student
+    leaves = [p for p, _ in jax.tree_util.tree_flatten_with_path(last["opt_state"])[0]]
+    assert any("discriminator" in jax.tree_util.keystr(p) and "mu" in jax.tree_util.keystr(p) for p in leaves)
+    # init_from: one SGD step away from the pretrained student, not from a random init
+    pre = ckpt_lib.load_model_variables(student, {"params": first["params"]["student"]}, what="student")[0]
+    diff = max(float(np.max(np.abs(a - b))) for a, b in
+               zip(jax.tree.leaves(pre["params"]), jax.tree.leaves(first["params"]["student"])))
+    assert diff < 0.05
+    hist = [json.loads(ln) for ln in open(os.path.join(wd, "metrics.jsonl"))]
+    assert {"train/kd", "train/adv", "train/disc"} <= set(hist[-1]) and "train/ce" not in hist[-1]
+
+
+def test_init_from_loads_exact_params_and_errors(tmp_path, trained):
+    from jaxkd.train import loop
+    from jaxkd.models import create_model
+    from jaxkd.train import step as step_lib
+    import optax
+
+    teacher, student = trained
+    model = create_model("mlp", 10, hidden=(16,))
+    state = step_lib.create_train_state(jax.random.PRNGKey(3), model, build_recipe({"name": "ce"}), optax.sgd(0.1),
+                                        jnp.zeros((1, 8, 8, 1)))
+    assert student.endswith("0")  # pytest's tmp dir "student0": "student{seed}" with seed 0
+    cfg = _config(**{"model.init_from": student[:-1] + "{seed}", "seed": 0})
+    loaded = loop.init_student_from(cfg, state)
+    want = ckpt_lib.load_model_variables(student, {"params": state.params["student"]}, what="student")[0]
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, loaded.params["student"]), want["params"])
+    assert loop.init_student_from(_config(), state) is state  # unset: unchanged
+    with pytest.raises(config_lib.ConfigError, match="init_from"):  # a cnn checkpoint for an mlp student
+        loop.init_student_from(_config(**{"model.init_from": teacher}), state)
+    with pytest.raises(config_lib.ConfigError, match="does not exist"):
+        loop.init_student_from(_config(**{"model.init_from": str(tmp_path / "nowhere")}), state)
+    with pytest.raises(config_lib.ConfigError, match="model.init_from"):
+        train_and_evaluate(_config(**{"model.init_from": 3}), str(tmp_path / "bad"))
