@@ -5,6 +5,8 @@
     jaxkd compare --config experiments/configs/digits.py --workdir runs/digits [--seeds 0,1,2]
                   [--sweep method.temperature=1,4,8 --sweep method.alpha=0.5,0.9]
                   [--methods kd,bss]   (presets defined in the config's `presets`)
+    jaxkd refine  --config experiments/configs/digits.py --workdir runs/refine --generations 3
+                  [--refinery model|teacher]   (Label Refinery: W/gen0, W/gen1, ...)
 
 Overrides are ``key=value`` pairs on the config (``optim.lr=0.1``, ``data.num_train_examples=500``).
 Bad input (unknown key, bad value, missing data set or teacher) ends with one ``jaxkd: error:``
@@ -46,6 +48,12 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--methods", default="",
                    help="comma-separated presets of config.presets to distill with (default: config.method)")
     c.add_argument("--no-progress", action="store_true")
+    r = sub.add_parser("refine", help="Label Refinery: generations 0..g, each refined by its predecessor")
+    common(r)
+    r.add_argument("--generations", type=int, required=True, help="number of refined generations after gen 0")
+    r.add_argument("--refinery", default="model", choices=("model", "teacher"),
+                   help="generation 0 is config.model (refines itself) or config.teacher (another network)")
+    r.add_argument("--no-progress", action="store_true")
     return p
 
 
@@ -88,7 +96,19 @@ def run(argv: list[str] | None = None) -> int:
         written = [n for n in ("results.md", "results.json", "curves.png", "sweep.png")
                    if os.path.exists(os.path.join(args.workdir, n))]
         print(f"\nwritten to {args.workdir}: {', '.join(written)}")
+    elif args.command == "refine":
+        _refine(config, args)
     return 0
+
+
+def _refine(config, args) -> None:
+    """``jaxkd refine``: see :mod:`jaxkd.refinery`."""
+    from jaxkd.refinery import format_refine_table, refine
+
+    rows = refine(config, args.workdir, args.generations, refinery=args.refinery, progress=not args.no_progress)
+    print()
+    print(format_refine_table(rows))
+    print(f"\nwritten to {args.workdir}: results.md, results.json")
 
 
 def evaluate_workdir(config, workdir: str, which: str = "best") -> dict:
