@@ -37,6 +37,10 @@ def _parser() -> argparse.ArgumentParser:
     common(t)
     t.add_argument("--allow-config-change", action="store_true",
                    help="resume even if key config values differ from the checkpointed run")
+    t.add_argument("--coordinator", default=None,
+                   help="multi-process run: host:port of process 0 (jax.distributed.initialize)")
+    t.add_argument("--num-processes", type=int, default=None, help="multi-process run: number of processes")
+    t.add_argument("--process-id", type=int, default=None, help="multi-process run: this process's index")
     e = sub.add_parser("eval", help="evaluate a trained student")
     common(e)
     e.add_argument("--checkpoint", default="best", choices=("best", "last"))
@@ -80,6 +84,8 @@ def run(argv: list[str] | None = None) -> int:
     config = config_lib.apply_overrides(config, args.overrides)
     if args.command == "train":
         from jaxkd.train.loop import train_and_evaluate
+        if args.coordinator or args.num_processes or args.process_id is not None:
+            initialize_distributed(args.coordinator, args.num_processes, args.process_id)
         summary = train_and_evaluate(config, args.workdir, allow_config_change=args.allow_config_change)
         print(json.dumps(summary, indent=2))
     elif args.command == "eval":
@@ -109,6 +115,23 @@ def _refine(config, args) -> None:
     print()
     print(format_refine_table(rows))
     print(f"\nwritten to {args.workdir}: results.md, results.json")
+
+
+def initialize_distributed(coordinator: str | None, num_processes: int | None, process_id: int | None) -> None:
+    """``jax.distributed.initialize`` for a multi-process (multi-host) run.
+
+    On TPU pods and SLURM/GPU clusters all three may be left out (JAX finds them). On CPU
+    the processes exchange data through gloo, which is selected here.
+    """
+    import jax
+
+    if coordinator and (num_processes is None or process_id is None):
+        raise config_lib.ConfigError("--coordinator needs --num-processes and --process-id")
+    if num_processes is not None and process_id is not None and not 0 <= process_id < num_processes:
+        raise config_lib.ConfigError(f"--process-id {process_id} is not in [0, {num_processes})")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # affects only the CPU backend
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                               process_id=process_id)
 
 
 def evaluate_workdir(config, workdir: str, which: str = "best") -> dict:

@@ -28,19 +28,27 @@ class CheckpointError(RuntimeError):
     """No usable checkpoint, or a checkpoint that does not fit the model."""
 
 
+def _barriers(prefix: str) -> ocp.options.MultiprocessingOptions:
+    # The run and best managers may save the same step number at once; in a multi-process
+    # run their cross-process barriers must have different names.
+    return ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=prefix)
+
+
 def run_manager(workdir: str, keep: int = 3) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(
         os.path.join(os.path.abspath(workdir), "checkpoints"),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
-        item_names=("state", "data", "meta"))
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                             multiprocessing_options=_barriers("run")),
+        item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler()})
 
 
 def best_manager(workdir: str) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(
         os.path.join(os.path.abspath(workdir), "best"),
         options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True, best_fn=lambda m: m["accuracy"],
-                                             best_mode="max"),
-        item_names=("model", "meta"))
+                                             best_mode="max", multiprocessing_options=_barriers("best")),
+        item_handlers={"model": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
 
 
 def save_run(manager: ocp.CheckpointManager, step: int, state, data_state: dict, meta: dict) -> None:
@@ -110,6 +118,35 @@ def _set_aside(manager: ocp.CheckpointManager, step: int) -> str:
     return dst
 
 
+def restore_on_this_process(manager: ocp.CheckpointManager, step: int, item: str) -> tuple[Any, Any]:
+    """Restores ``item`` (arrays) and ``meta`` of ``step`` onto this process's first device.
+
+    Works whatever device layout the checkpoint was saved from (8 devices, several
+    processes), which a restore without a target refuses; used to load models (teachers,
+    exported students), not to resume.
+    """
+    arrays = manager.item_metadata(step)[item]
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), arrays)
+    r = manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(target),
+                                                         "meta": ocp.args.JsonRestore()}))
+    return r[item], r.meta
+
+
+def load_run_state(workdir: str, step: int | None = None) -> tuple[int, Any]:
+    """``(step, state)`` of a run checkpoint (the newest by default) as NumPy arrays.
+
+    The whole train state (student and auxiliary params, batch stats, optimizer state, step,
+    RNG), for inspection and comparisons, from any device layout.
+    """
+    mgr = run_manager(workdir)
+    step = mgr.latest_step() if step is None else step
+    if step is None:
+        raise CheckpointError(f"no run checkpoint in {workdir!r}")
+    state, _ = restore_on_this_process(mgr, step, "state")
+    return step, jax.tree.map(np.asarray, state)
+
+
 def _paths(tree) -> dict[str, Any]:
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
     return {jax.tree_util.keystr(p): v for p, v in flat}
@@ -147,22 +184,16 @@ def load_model_variables(workdir: str, template_variables: dict, which: str = "b
         mgr = best_manager(workdir)
         for step in sorted(mgr.all_steps(), reverse=True):
             try:
-                r = mgr.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(),
-                                                              meta=ocp.args.JsonRestore()))
-                loaded, meta = r.model, r.meta
+                loaded, meta = restore_on_this_process(mgr, step, "model")
                 break
             except Exception as e:  # noqa: BLE001
                 warnings.warn(f"best checkpoint step {step} of {what} is unusable: {e}", RuntimeWarning)
     if loaded is None and os.path.isdir(os.path.join(workdir, "checkpoints")):
-        mgr = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                                    item_names=("state", "data", "meta"))
+        mgr = run_manager(workdir)
         for step in sorted(mgr.all_steps(), reverse=True):
             try:
-                r = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
-                                                              meta=ocp.args.JsonRestore()))
-                loaded = {"params": r.state["params"]["student"],
-                          "model_state": r.state["model_state"]["student"]}
-                meta = r.meta
+                state, meta = restore_on_this_process(mgr, step, "state")
+                loaded = {"params": state["params"]["student"], "model_state": state["model_state"]["student"]}
                 break
             except Exception as e:  # noqa: BLE001
                 warnings.warn(f"checkpoint step {step} of {what} is unusable: {e}", RuntimeWarning)

@@ -51,7 +51,8 @@ class TrainingError(RuntimeError):
 def workdir_lock(workdir: str):
     """Exclusive lock on a work dir, so that two runs never write into the same one."""
     os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, ".lock")
+    # one lock per process of a multi-process run (they share the work dir)
+    path = os.path.join(workdir, ".lock" if jax.process_count() == 1 else f".lock.process{jax.process_index()}")
     fh = open(path, "w")
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -342,7 +343,8 @@ def _train(config, workdir, mesh, allow_config_change, stop_after_steps):
             raise TrainingError("the config differs from the one the checkpoints in "
                                 f"{workdir!r} were made with: " + "; ".join(diffs) +
                                 ". Use another --workdir, or pass --allow-config-change to resume anyway.")
-        train_iter.set_state(data_state)
+        # every process is at the same global batch; the saved state is process 0's
+        train_iter.set_state({**data_state, "shard_index": shard_index})
         _truncate_jsonl(logger.path, start_step)
         if jax.process_index() == 0 and start_step < total_steps:
             print(f"jaxkd: resuming from checkpoint step {start_step} in {workdir}", flush=True)
