@@ -44,7 +44,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict(dict(
         num_epochs=10, eval_every_epochs=1, checkpoint_every_steps=0, keep_checkpoints=3,
         max_inflight_steps=2, num_devices=None, progress=True, log_every_steps=50,
-        tensorboard=True))
+        tensorboard=True,
+        # a step with a non-finite loss or gradient: "stop" the run, or "skip" it (no update,
+        # counted in metrics) and stop only after max_consecutive_skips skipped steps in a row
+        on_nonfinite="stop", max_consecutive_skips=20))
     # Optional stages: a sequence of {"name", "num_epochs", "method": {...}, "optim": {...}};
     # None runs one stage with config.method for config.train.num_epochs.
     c.stages = None
@@ -152,6 +155,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
              "must be an int >= 1", t.max_inflight_steps)
     _require(isinstance(t.checkpoint_every_steps, int) and t.checkpoint_every_steps >= 0,
              "train.checkpoint_every_steps", "must be an int >= 0 (0: only at epoch ends)", t.checkpoint_every_steps)
+    _require(t.get("on_nonfinite", "stop") in ("stop", "skip"), "train.on_nonfinite", "must be 'stop' or 'skip'",
+             t.get("on_nonfinite"))
+    _require(isinstance(t.get("max_consecutive_skips", 1), int) and t.get("max_consecutive_skips", 1) >= 1,
+             "train.max_consecutive_skips", "must be an int >= 1", t.get("max_consecutive_skips"))
     _require(o.name in OPTIMIZERS, "optim.name", f"must be one of {OPTIMIZERS}", o.name)
     _require(o.schedule in SCHEDULES, "optim.schedule", f"must be one of {SCHEDULES}", o.schedule)
     _require(isinstance(o.lr, (int, float)) and o.lr > 0, "optim.lr", "must be a number > 0", o.lr)

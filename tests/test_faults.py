@@ -63,7 +63,7 @@ def test_no_usable_checkpoint_is_a_clear_error(tmp_path, data_dir):
 
 def test_non_finite_loss_stops_and_names_the_step(tmp_path, data_dir):
     run = str(tmp_path / "nan")
-    with pytest.raises(TrainingError, match=r"non-finite loss .* at step \d+; last good checkpoint"):
+    with pytest.raises(TrainingError, match=r"non-finite loss .* at step \d+; (last good checkpoint: step \d+|no checkpoint yet)"):
         train_and_evaluate(_config(**{"optim.lr": 1e12, "optim.schedule": "constant"}), run)
     mgr = ckpt_lib.run_manager(run)
     for step in mgr.all_steps():  # whatever was saved before the divergence is finite
@@ -79,3 +79,84 @@ def test_second_run_in_same_workdir_is_refused(tmp_path):
                 pass
     with workdir_lock(wd):  # released again
         pass
+
+
+def test_skip_nonfinite_step_changes_nothing_and_counts():
+    """With skip_nonfinite a NaN batch leaves params, batch stats and optimizer state bit-identical."""
+    import jax.numpy as jnp
+    import optax
+
+    from jaxkd import models
+    from jaxkd.train import InputPipeline, create_train_state, make_train_step, recipes
+
+    student = models.create_model("mlp", 10, hidden=(16,))
+    recipe = recipes.cross_entropy_recipe()
+    tx = optax.sgd(0.1, momentum=0.9)
+    pipe = InputPipeline(mean=(0.0,), std=(1.0,))
+    rng = np.random.default_rng(0)
+    good = {"image": rng.normal(size=(8, 8, 8, 1)).astype(np.float32),
+            "label": rng.integers(0, 10, 8).astype(np.int32)}
+    bad = {"image": good["image"].copy(), "label": good["label"]}
+    bad["image"][3, 2, 2, 0] = np.nan
+    state = create_train_state(jax.random.PRNGKey(0), student, recipe, tx, jnp.zeros((1, 8, 8, 1)))
+    step = make_train_step(student, recipe, tx, pipe, skip_nonfinite=True, donate=False)
+    s1, m1 = step(state, None, good)
+    assert float(m1["skipped"]) == 0.0
+    s2, m2 = step(s1, None, bad)
+    assert float(m2["skipped"]) == 1.0 and not np.isfinite(float(m2["loss"]))
+    assert int(s2.step) == int(s1.step) + 1
+    for part in ("params", "model_state", "opt_state"):
+        jax.tree.map(np.testing.assert_array_equal, getattr(s1, part), getattr(s2, part))
+    s3, m3 = step(s2, None, good)  # and training goes on from there
+    assert float(m3["skipped"]) == 0.0
+    assert any(np.any(np.asarray(a) != np.asarray(b)) for a, b in
+               zip(jax.tree.leaves(s2.params), jax.tree.leaves(s3.params)))
+    # without the option the same batch updates the params with NaN
+    plain = make_train_step(student, recipe, tx, pipe, donate=False)
+    s_nan, _ = plain(s1, None, bad)
+    assert not all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(s_nan.params))
+
+
+def _nan_on_bright_batches(num_classes, hidden=(16,)):
+    """An MLP whose loss is NaN on about half of the batches (first image brighter than the batch)."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    from jaxkd import models
+
+    class Flaky(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool = False):
+            h = nn.relu(nn.Dense(hidden[0])(x.reshape((x.shape[0], -1))))
+            logits = nn.Dense(num_classes)(h)
+            logits = logits + jnp.where(jnp.mean(x[0]) > jnp.mean(x), jnp.nan, 0.0)
+            return logits, {"logits": logits}
+
+    return models.from_linen(Flaky(), "flaky")
+
+
+def test_skip_nonfinite_in_the_loop_counts_and_keeps_checkpoints_finite(tmp_path, data_dir, monkeypatch):
+    from jaxkd.models import registry
+
+    monkeypatch.setitem(registry._REGISTRY, "flaky", _nan_on_bright_batches)
+    cfg = _config(**{"model.name": "flaky", "model.kwargs": {}, "train.on_nonfinite": "skip"})
+    run = str(tmp_path / "skip")
+    summary = train_and_evaluate(cfg, run)
+    assert summary["steps"] == 2 * 23
+    assert 0 < summary["skipped_steps"] < summary["steps"], summary  # some batches, not all
+    import json
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        records = [json.loads(ln) for ln in f]
+    assert sum(r["train/skipped_steps"] for r in records) == summary["skipped_steps"]
+    assert all(np.isfinite(r["train/loss"]) for r in records)  # means over the good steps only
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(ckpt_lib.load_run_state(run)[1]["params"]))
+    # the default stops at the first such step
+    with pytest.raises(TrainingError, match=r"non-finite loss .*no checkpoint yet.*train.on_nonfinite='skip' would skip"):
+        train_and_evaluate(_config(**{"model.name": "flaky", "model.kwargs": {}}), str(tmp_path / "stop"))
+
+
+def test_skip_nonfinite_gives_up_after_consecutive_skips(tmp_path, data_dir):
+    cfg = _config(**{"optim.lr": 1e12, "optim.schedule": "constant", "train.on_nonfinite": "skip",
+                     "train.max_consecutive_skips": 3})
+    with pytest.raises(TrainingError, match="3 steps in a row were non-finite"):
+        train_and_evaluate(cfg, str(tmp_path / "diverged"))

@@ -368,15 +368,36 @@ def _train(config, workdir, mesh, allow_config_change, stop_after_steps):
     epoch_count = int(meta.get("epoch_count", 0))
     t_start, images_done = time.perf_counter(), 0
 
+    skip_nonfinite = config.train.get("on_nonfinite", "stop") == "skip"
+    max_skips = int(config.train.get("max_consecutive_skips", 20))
+    consecutive_skips = 0
+
     def drain(limit: int):
-        nonlocal epoch_count
+        nonlocal epoch_count, consecutive_skips
         while len(inflight) > limit:
             s, m = inflight.popleft()
             m = jax.device_get(m)
-            if not math.isfinite(float(m["loss"])):
-                raise TrainingError(
-                    f"non-finite loss ({float(m['loss'])}) at step {s}; last good checkpoint: step "
-                    f"{run_mgr.latest_step()} in {run_mgr.directory}. Lower optim.lr or check the data.")
+            finite = math.isfinite(float(m["loss"])) and math.isfinite(float(m["grad_norm"]))
+            if not finite and skip_nonfinite and consecutive_skips + 1 < max_skips:
+                # the step changed nothing (see make_train_step); count it, keep it out of the means
+                consecutive_skips += 1
+                meta["skipped_steps"] = meta.get("skipped_steps", 0) + 1
+                epoch_sums["skipped"] += 1.0
+                log.warning("step %d: non-finite loss or gradient (loss %s); batch skipped, no update "
+                            "(%d skipped so far)", s, float(m["loss"]), meta["skipped_steps"])
+                if progress is not None:
+                    progress.update(d.batch_size)
+                continue
+            if not finite:
+                why = (f"{max_skips} steps in a row were non-finite and skipped (train.max_consecutive_skips)"
+                       if skip_nonfinite else "train.on_nonfinite='skip' would skip such batches instead")
+                last = run_mgr.latest_step()
+                where = (f"last good checkpoint: step {last} in {run_mgr.directory}" if last is not None
+                         else "no checkpoint yet")
+                raise TrainingError(f"non-finite loss ({float(m['loss'])}) at step {s}; {where}. Lower optim.lr "
+                                    f"or check the data; {why}.")
+            consecutive_skips = 0
+            m.pop("skipped", None)
             for k, v in m.items():
                 epoch_sums[k] += float(v)
             epoch_count += 1
@@ -400,7 +421,8 @@ def _train(config, workdir, mesh, allow_config_change, stop_after_steps):
                 state_stage = stage.index
             train_step = step_lib.make_train_step(student, recipe, tx, pipeline, teacher=teacher, mesh=mesh,
                                                   lr_schedule=lr_schedule, steps_per_epoch=steps_per_epoch,
-                                                  stage_start=stage.start, num_epochs=stage.num_epochs)
+                                                  stage_start=stage.start, num_epochs=stage.num_epochs,
+                                                  skip_nonfinite=skip_nonfinite)
             final_stage = stage.index == len(stages) - 1
             while step < stage.end:
                 batch = next(train_iter)
@@ -418,7 +440,10 @@ def _train(config, workdir, mesh, allow_config_change, stop_after_steps):
                 if epoch_end:
                     epoch = step // steps_per_epoch
                     record = {"epoch": epoch, "step": step, "stage": stage.name}
+                    skipped = epoch_sums.pop("skipped", 0.0)
                     record.update({f"train/{k}": v / max(epoch_count, 1) for k, v in epoch_sums.items()})
+                    if skip_nonfinite:
+                        record["train/skipped_steps"] = int(skipped)
                     epoch_sums.clear()
                     epoch_count = 0
                     do_eval = epoch % config.train.eval_every_epochs == 0 or step == stage.end
@@ -481,6 +506,7 @@ def _summary(meta: dict, config, teacher_meta, step: int) -> dict:
         "teacher_accuracy": (teacher_meta or {}).get("accuracy"),
         "train_time_s": meta["train_time_s"],
         "images_per_s": meta["images"] / meta["train_time_s"] if meta["train_time_s"] else None,
+        "skipped_steps": meta.get("skipped_steps", 0),
     }
 
 

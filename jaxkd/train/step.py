@@ -182,7 +182,8 @@ def make_train_step(student: ModelFns, recipe: Recipe, tx: optax.GradientTransfo
                     pipeline: InputPipeline, *, teacher: ModelFns | None = None,
                     mesh: Mesh | None = None, lr_schedule: Callable | None = None,
                     steps_per_epoch: int | None = None, stage_start: int = 0,
-                    num_epochs: int | None = None, donate: bool = True) -> Callable:
+                    num_epochs: int | None = None, donate: bool = True,
+                    skip_nonfinite: bool = False) -> Callable:
     """Builds ``step(state, teacher_variables, batch) -> (state, metrics)``, jit-compiled.
 
     ``metrics`` are scalars (global batch means): ``loss``, each loss component, ``accuracy``,
@@ -190,6 +191,10 @@ def make_train_step(student: ModelFns, recipe: Recipe, tx: optax.GradientTransfo
     global step at which the current stage began (recipes' schedules count from there);
     ``lr_schedule`` is evaluated at the stage step as well. Params outside
     ``recipe.trainable`` keep their values and batch statistics exactly.
+
+    With ``skip_nonfinite``, a step whose loss or gradient norm is not finite changes no
+    params, batch statistics or optimizer state (the step counter still advances, so the
+    data and RNG stream go on); ``metrics["skipped"]`` is 1.0 for such a step, else 0.0.
     """
     if (recipe.uses_teacher or recipe.trains_teacher) and teacher is None:
         raise ValueError(f"method {recipe.name!r} needs a teacher model; none was given")
@@ -260,6 +265,12 @@ def make_train_step(student: ModelFns, recipe: Recipe, tx: optax.GradientTransfo
             metrics["teacher_accuracy"] = jnp.mean(jnp.argmax(tl, -1) == labels)
         if lr_schedule is not None:
             metrics["lr"] = lr_schedule(stage_step)
+        if skip_nonfinite:
+            finite = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"])
+            keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+            params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+            new_model_state = keep(new_model_state, state.model_state)
+            metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
         new_state = state.replace(step=state.step + 1, params=params, model_state=new_model_state,
                                   opt_state=opt_state)
         return new_state, metrics
