@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 # Keys whose change between a kill and a resume makes the resumed run a different run.
 RESUME_KEYS = ("seed", "data.name", "data.batch_size", "data.num_train_examples", "model.name", "model.kwargs",
-               "method.name", "teacher.name", "optim.name", "train.num_epochs", "stages")
+               "method.name", "teacher.name", "optim.name", "train.num_epochs", "stages", "teachers")
 
 
 class TrainingError(RuntimeError):
@@ -429,6 +429,7 @@ def _train(config, workdir, mesh, allow_config_change, stop_after_steps):
                 batch = step_lib.shard_batch({"image": batch["image"], "label": batch["label"]}, mesh)
                 state, metrics = train_step(state, teacher_vars, batch)
                 step += 1
+                _fault_point("kill_at_step", step)
                 images_done += d.batch_size
                 inflight.append((step, metrics))
                 drain(config.train.max_inflight_steps - 1)
@@ -475,6 +476,7 @@ def _train(config, workdir, mesh, allow_config_change, stop_after_steps):
                     meta["images"] += images_done
                     t_start, images_done = time.perf_counter(), 0
                     ckpt_lib.save_run(run_mgr, step, state, train_iter.get_state(), dict(meta))
+                    _fault_point("kill_during_save", step)  # the save is still being written
                     if stop_after_steps is not None and step >= stop_after_steps:
                         stopped = True
                         break
@@ -493,6 +495,15 @@ def _train(config, workdir, mesh, allow_config_change, stop_after_steps):
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
     return summary
+
+
+def _fault_point(name: str, step: int) -> None:
+    """Fault injection for the crash tests: ``JAXKD_FAULT=kill_at_step:17`` (or
+    ``kill_during_save:20``) makes this process SIGKILL itself at that point."""
+    spec = os.environ.get("JAXKD_FAULT")
+    if spec and spec == f"{name}:{step}":
+        import signal
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _summary(meta: dict, config, teacher_meta, step: int) -> dict:
