@@ -9,6 +9,10 @@ Runs, per seed k (every run resumes / is skipped when finished, so the script ca
 * ``W/refine_self/seed<k>/gen0..3``: ``jaxkd refine --generations 3`` (the MLP refines itself);
 * ``W/refine_cnn/seed<k>/gen0..3``: ``jaxkd refine --generations 3 --refinery teacher`` (gen 0 is
   the CNN, gens 1-3 the MLP);
+* ``W/kd*/seed<k>``, ``W/apprentice_w2a2_pretrained/seed<k>``: the presets that start from a
+  pretrained CNN, here refine_cnn's generation 0 of the same seed;
+* ``W/refine_cnn_adv/seed<k>/gen1``: generation 1 refined by that CNN with adversarial
+  jittering (``adversarial_eps=0.1``, half of each batch);
 
 then writes ``W/report.md`` / ``W/report.json``: best and last eval accuracy, mean ± std over
 the seeds (and the joint teachers' accuracy for Apprentice).
@@ -32,6 +36,7 @@ from jaxkd.train.loop import train_and_evaluate  # noqa: E402
 
 CONFIG = os.path.join(ROOT, "experiments/configs/digits_apprentice.py")
 PRESETS = ("ce", "apprentice", "ce_w4a4", "apprentice_w4a4", "ce_w2a2", "apprentice_w2a2")
+PRETRAINED = ("kd", "kd_w4a4", "kd_w2a2", "apprentice_w2a2_pretrained")  # teacher: refine_cnn's gen0 CNN
 
 
 def _ms(xs):
@@ -57,10 +62,12 @@ def main():
     wd = os.path.abspath(args.workdir)
     results: dict[str, list[dict]] = {}
 
-    def run_preset(name):
+    def run_preset(name, teacher_dir=None):
         for seed in seeds:
             cfg = preset_config(base, name)
             cfg.seed = seed
+            if teacher_dir is not None:
+                cfg.teacher.workdir = teacher_dir(seed)
             print(f"== {name} seed {seed}", flush=True)
             s = train_and_evaluate(cfg, os.path.join(wd, name, f"seed{seed}"))
             results.setdefault(name, []).append(s)
@@ -78,8 +85,26 @@ def main():
     order = [("refine_self", lambda: run_refine("refine_self"))]
     order += [(n, (lambda n=n: run_preset(n))) for n in PRESETS]
     order += [("refine_cnn", lambda: run_refine("refine_cnn"))]
+
+    def pretrained(seed):  # the CNN of refine_cnn (generation 0), trained with CE for this seed
+        return os.path.join(wd, "refine_cnn", f"seed{seed}", "gen0")
+
+    order += [(n, (lambda n=n: run_preset(n, pretrained))) for n in PRETRAINED]
+
+    def run_refine_adv():
+        for seed in seeds:
+            cfg = config_lib.apply_overrides(base, [f"seed={seed}", f"teacher.workdir={pretrained(seed)!r}",
+                                                    "method.adversarial_eps=0.1"])
+            rows = refine(cfg, os.path.join(wd, "refine_cnn_adv", f"seed{seed}"), 1, refinery="teacher",
+                          progress=False)
+            r = rows[1]
+            results.setdefault("refine_cnn_adv/gen1", []).append(
+                {"best_accuracy": r["best_accuracy"], "last_accuracy": r["last_accuracy"], "model": r["model"],
+                 "teacher_accuracy": r["teacher_accuracy"]})
+
+    order += [("refine_cnn_adv", run_refine_adv)]
     for name, fn in order:
-        if only and name not in only and not (name in PRESETS and "presets" in only):
+        if only and name not in only and not (name in PRESETS + PRETRAINED and "presets" in only):
             continue
         fn()
         write_report(wd, results, seeds)
