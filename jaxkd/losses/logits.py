@@ -57,6 +57,11 @@ def cross_entropy(logits: chex.Array, labels: chex.Array, label_smoothing: float
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1); got {label_smoothing}")
     num_classes = logits.shape[-1]
+    if not isinstance(labels, jax.core.Tracer) and labels.size:
+        # an out-of-range label one-hots to zeros, a silent CE of 0; checkable only outside jit
+        lo, hi = int(jnp.min(labels)), int(jnp.max(labels))
+        if lo < 0 or hi >= num_classes:
+            raise ValueError(f"labels must be class indices in [0, {num_classes}); got values in [{lo}, {hi}]")
     targets = jax.nn.one_hot(labels, num_classes, dtype=logits.dtype)
     if label_smoothing:
         targets = targets * (1.0 - label_smoothing) + label_smoothing / num_classes

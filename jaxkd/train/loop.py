@@ -426,6 +426,7 @@ def _train(config, workdir, mesh, allow_config_change, stop_after_steps):
             final_stage = stage.index == len(stages) - 1
             while step < stage.end:
                 batch = next(train_iter)
+                _check_labels(batch["label"], info.num_classes, d.name)
                 batch = step_lib.shard_batch({"image": batch["image"], "label": batch["label"]}, mesh)
                 state, metrics = train_step(state, teacher_vars, batch)
                 step += 1
@@ -495,6 +496,13 @@ def _train(config, workdir, mesh, allow_config_change, stop_after_steps):
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
     return summary
+
+
+def _check_labels(labels: np.ndarray, num_classes: int, dataset: str) -> None:
+    """On the host, before the step: a label outside [0, C) would silently give a zero loss."""
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise TrainingError(f"data set {dataset!r} yielded label(s) outside [0, {num_classes}) "
+                            f"(min {labels.min()}, max {labels.max()}); its num_classes does not fit its labels")
 
 
 def _fault_point(name: str, step: int) -> None:
