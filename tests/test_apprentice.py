@@ -56,8 +56,8 @@ def _batches(n, seed=0):
              "label": rng.integers(0, 10, 16).astype(np.int32)} for _ in range(n)]
 
 
-def _run_steps(recipe, n=2):
-    student = models.create_model("mlp", 10, hidden=(16,), quant={"weight_bits": 4, "act_bits": 4})
+def _run_steps(recipe, n=2, quant=None):
+    student = models.create_model("mlp", 10, hidden=(16,), **({"quant": quant} if quant else {}))
     teacher = models.create_model("cnn", 10, width=4, hidden=16)
     sample = jnp.zeros((1, 8, 8, 1))
     t_vars = teacher.init(jax.random.PRNGKey(3), sample)
@@ -73,7 +73,7 @@ def _run_steps(recipe, n=2):
 
 
 def test_teacher_trains_jointly_and_stays_frozen_when_asked():
-    init, state, metrics = _run_steps(apprentice_recipe())
+    init, state, metrics = _run_steps(apprentice_recipe(), quant={"weight_bits": 4, "act_bits": 4})
     assert {"teacher_ce", "ce", "kd", "teacher_accuracy"} <= set(metrics)
     for who in ("student", "aux"):
         changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), init.params[who], state.params[who])

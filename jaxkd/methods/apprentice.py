@@ -7,12 +7,12 @@ Per example, with ``p_T = softmax(z_T)``, ``p_S = softmax(z_S)`` and labels ``y`
 ``H(p, q) = -sum_c p_c log q_c`` is the cross-entropy. The paper's "Scheme A" (joint training
 from scratch) weights the three terms alpha = 1, beta = 0.5, gamma = 0.5 (teacher CE, student
 CE, distillation) and uses the teacher's plain softmax (T = 1); these are the defaults here.
-The teacher is updated by its own cross-entropy only: the distillation term's target
-``p_T`` is held constant (``stop_gradient``), as in the paper, where the KD term trains the
-student and the teacher "is trained with its own loss". ``kd_to_teacher=True`` lets the
-distillation gradient flow into the teacher as well (the term then also pulls the teacher
-towards the student), for experiments. (The weights and the gradient routing are as we read
-the paper; we could not re-check the PDF here.)
+By default the teacher is updated by its own cross-entropy only: the distillation term's
+target ``p_T`` is held constant (``stop_gradient``), so that term trains the student alone.
+That is how we (and ``../shared/references.md``) read the paper's joint scheme;
+``kd_to_teacher=True`` lets the distillation gradient flow into the teacher as well (the term
+then also pulls the teacher towards the student). The weights and the gradient routing are
+our reading of the paper; the PDF could not be re-checked from this environment.
 
 The teacher is ``config.teacher``, trained inside the same jitted step as the auxiliary
 module ``aux/teacher`` (``Recipe.trains_teacher``), from scratch or from the finished run in
