@@ -7,6 +7,8 @@
                   [--methods kd,bss]   (presets defined in the config's `presets`)
     jaxkd refine  --config experiments/configs/digits.py --workdir runs/refine --generations 3
                   [--refinery model|teacher]   (Label Refinery: W/gen0, W/gen1, ...)
+    jaxkd cache-teacher --config experiments/configs/digits.py --workdir runs/digits_cache
+                  teacher.workdir=runs/teacher   (then train with teacher.cache=runs/digits_cache)
 
 Overrides are ``key=value`` pairs on the config (``optim.lr=0.1``, ``data.num_train_examples=500``).
 Bad input (unknown key, bad value, missing data set or teacher) ends with one ``jaxkd: error:``
@@ -58,6 +60,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--refinery", default="model", choices=("model", "teacher"),
                    help="generation 0 is config.model (refines itself) or config.teacher (another network)")
     r.add_argument("--no-progress", action="store_true")
+    ct = sub.add_parser("cache-teacher", help="write config.teacher's logits on the training split, keyed by "
+                                              "example id, into --workdir (use with teacher.cache=WORKDIR)")
+    common(ct)
+    ct.add_argument("--batch-size", type=int, default=None, help="default: config.data.eval_batch_size")
+    ct.add_argument("--no-progress", action="store_true")
     return p
 
 
@@ -104,6 +111,12 @@ def run(argv: list[str] | None = None) -> int:
         print(f"\nwritten to {args.workdir}: {', '.join(written)}")
     elif args.command == "refine":
         _refine(config, args)
+    elif args.command == "cache-teacher":
+        from jaxkd.train.teacher_cache import build_teacher_cache
+        manifest = build_teacher_cache(config, None, args.workdir, batch_size=args.batch_size,
+                                       progress=not args.no_progress)
+        print(json.dumps({"cache": os.path.abspath(args.workdir), "logits_shape": manifest["logits"]["shape"],
+                          "teacher_step": manifest["teacher"]["step"]}, indent=2))
     return 0
 
 

@@ -32,7 +32,10 @@ def base_config() -> ml_collections.ConfigDict:
     # "{seed}" in it is replaced by config.seed.
     c.model = ml_collections.ConfigDict(dict(name="mlp", kwargs={}, init_from=None))
     # teacher.workdir may also be a list of work dirs: teachers of this architecture, stacked.
-    c.teacher = ml_collections.ConfigDict(dict(name="cnn", kwargs={}, workdir=None, checkpoint="best"))
+    # teacher.cache: a folder from `jaxkd cache-teacher` (jaxkd/train/teacher_cache.py); logit methods
+    # then read the teacher's logits from it by example id and the teacher is not loaded.
+    c.teacher = ml_collections.ConfigDict(dict(name="cnn", kwargs={}, workdir=None, checkpoint="best",
+                                               cache=None))
     # Several teachers (multi-teacher methods): a list of {name, kwargs, workdir, checkpoint}
     # (name/kwargs default to config.teacher's); when set, it replaces config.teacher.
     c.teachers = None

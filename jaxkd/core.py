@@ -88,6 +88,8 @@ class Recipe:
         ``teacher_logits``/``teacher_features`` *with* gradients (the loss decides what
         reaches the teacher). Checkpointed with the run, evaluated each epoch, never exported
         as the student. Not combined with a frozen teacher (``uses_teacher``).
+      teacher_logits_only: the loss reads only ``teacher_logits`` (no teacher features, no
+        ``teacher_apply``), so it can train from a teacher-output cache (``teacher.cache``).
     """
 
     name: str
@@ -99,6 +101,7 @@ class Recipe:
     multi_teacher: bool = False
     aux_optim: Mapping[str, Any] | None = None
     trains_teacher: bool = False
+    teacher_logits_only: bool = False
 
 
 def make_weight_schedule(spec: Any) -> Callable[..., Array]:

@@ -66,4 +66,5 @@ def label_refinery_recipe(adversarial_eps: float = 0.0, adversarial_fraction: fl
         kl = refinery_kl(student_logits, refinery_logits)
         return kl, {"kd": kl}
 
-    return Recipe(name="label_refinery", loss=loss, uses_teacher=True)
+    return Recipe(name="label_refinery", loss=loss, uses_teacher=True,
+                  teacher_logits_only=adversarial_eps == 0)  # jittering runs the refinery

@@ -305,8 +305,13 @@ def _train(config, workdir, mesh, allow_config_change, stop_after_steps):
     student = _create(config.model, "model", info.num_classes)
     teacher = _create(config.teacher, "teacher", info.num_classes) if uses_teacher or trains_teacher else None
     sample = jnp.zeros((1, *info.input_shape), jnp.float32)
-    teacher_vars, teacher_meta, joint_init = None, None, None
-    if uses_teacher:
+    teacher_vars, teacher_meta, joint_init, logits_cache = None, None, None, None
+    if uses_teacher and config.teacher.get("cache"):  # logits by example id; the teacher is not loaded
+        from jaxkd.train import teacher_cache as cache_lib
+        logits_cache = cache_lib.open_for_training(config, info, {"pad": pipeline.pad, "flip": pipeline.flip},
+                                                   stage_recipes, train_src)
+        teacher_meta = {"accuracy": logits_cache.manifest["teacher"].get("accuracy")}
+    elif uses_teacher:
         teacher, teacher_vars, teacher_meta = load_teachers(config, teacher, sample, stage_recipes, info.num_classes)
         teacher_vars = jax.device_put(teacher_vars, step_lib.replicated(mesh))
     if trains_teacher:
@@ -422,12 +427,16 @@ def _train(config, workdir, mesh, allow_config_change, stop_after_steps):
             train_step = step_lib.make_train_step(student, recipe, tx, pipeline, teacher=teacher, mesh=mesh,
                                                   lr_schedule=lr_schedule, steps_per_epoch=steps_per_epoch,
                                                   stage_start=stage.start, num_epochs=stage.num_epochs,
-                                                  skip_nonfinite=skip_nonfinite)
+                                                  skip_nonfinite=skip_nonfinite,
+                                                  cached_teacher=logits_cache is not None)
             final_stage = stage.index == len(stages) - 1
             while step < stage.end:
                 batch = next(train_iter)
                 _check_labels(batch["label"], info.num_classes, d.name)
-                batch = step_lib.shard_batch({"image": batch["image"], "label": batch["label"]}, mesh)
+                host = {"image": batch["image"], "label": batch["label"]}
+                if logits_cache is not None:
+                    host["teacher_logits"] = logits_cache.lookup(batch["id"])
+                batch = step_lib.shard_batch(host, mesh)
                 state, metrics = train_step(state, teacher_vars, batch)
                 step += 1
                 _fault_point("kill_at_step", step)

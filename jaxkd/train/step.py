@@ -183,7 +183,7 @@ def make_train_step(student: ModelFns, recipe: Recipe, tx: optax.GradientTransfo
                     mesh: Mesh | None = None, lr_schedule: Callable | None = None,
                     steps_per_epoch: int | None = None, stage_start: int = 0,
                     num_epochs: int | None = None, donate: bool = True,
-                    skip_nonfinite: bool = False) -> Callable:
+                    skip_nonfinite: bool = False, cached_teacher: bool = False) -> Callable:
     """Builds ``step(state, teacher_variables, batch) -> (state, metrics)``, jit-compiled.
 
     ``metrics`` are scalars (global batch means): ``loss``, each loss component, ``accuracy``,
@@ -195,8 +195,16 @@ def make_train_step(student: ModelFns, recipe: Recipe, tx: optax.GradientTransfo
     With ``skip_nonfinite``, a step whose loss or gradient norm is not finite changes no
     params, batch statistics or optimizer state (the step counter still advances, so the
     data and RNG stream go on); ``metrics["skipped"]`` is 1.0 for such a step, else 0.0.
+
+    With ``cached_teacher``, the teacher does not run: ``batch["teacher_logits"]`` ``[B, C]``
+    (looked up by example id from a teacher-output cache, :mod:`jaxkd.train.teacher_cache`)
+    are the teacher's logits, and ``teacher_variables`` is ignored. Only for recipes with
+    ``teacher_logits_only``.
     """
-    if (recipe.uses_teacher or recipe.trains_teacher) and teacher is None:
+    if cached_teacher and ((recipe.uses_teacher and not recipe.teacher_logits_only) or recipe.trains_teacher):
+        raise ValueError(f"method {recipe.name!r} needs the teacher network (features or teacher_apply); "
+                         "it cannot train from cached teacher logits")
+    if (recipe.uses_teacher or recipe.trains_teacher) and teacher is None and not cached_teacher:
         raise ValueError(f"method {recipe.name!r} needs a teacher model; none was given")
 
     def step(state: TrainState, teacher_variables, batch):
@@ -209,7 +217,9 @@ def make_train_step(student: ModelFns, recipe: Recipe, tx: optax.GradientTransfo
         progress = (stage_step.astype(jnp.float32) / float(steps_per_epoch * num_epochs)
                     if steps_per_epoch and num_epochs else None)
         t_logits = t_feats = teacher_fn = None
-        if recipe.uses_teacher:
+        if recipe.uses_teacher and cached_teacher:
+            t_logits = jax.lax.stop_gradient(batch["teacher_logits"])
+        elif recipe.uses_teacher:
             def teacher_fn(inputs):
                 # No stop_gradient here: the teacher's variables are constants of the step (never
                 # differentiated), and methods need gradients w.r.t. the teacher's *inputs*

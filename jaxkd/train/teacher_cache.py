@@ -1,0 +1,322 @@
+"""Teacher-output cache: the frozen teacher's logits computed once, keyed by example id.
+
+``build_teacher_cache(config, teacher_workdir, out_path)`` runs the teacher (inference mode)
+once over the training split, on the view the student trains on when augmentation is off:
+the un-augmented image, normalised with the data set's mean/std. It writes a folder::
+
+    OUT/logits.npy      float32 [N, V, C]: row i holds the logits of example ids[i]
+    OUT/ids.npy         int64 [N], sorted ascending (the ``id`` of ``train_batches``)
+    OUT/manifest.json   what the cache was made from (see :func:`build_teacher_cache`)
+
+``V`` (views per example) is 1: only the un-augmented view is stored, so a cache serves
+only runs without random augmentation (``data.augment={}``; the default for everything but
+CIFAR). Training reads it with ``teacher.cache=OUT``: the loop looks up each batch's rows by
+``batch["id"]`` on the host (:meth:`TeacherCache.lookup`) and the step uses them as
+``teacher_logits`` instead of running the teacher, which is then never loaded.
+
+Why keyed by id: the old peterliht/knowledge-distillation-pytorch cache was a list indexed
+by batch number, so once batches were shuffled (or augmented) each batch met another
+batch's outputs. Here the row is found from the example's own id, whatever the order, and
+the cache refuses (:class:`~jaxkd.config.ConfigError` naming the difference) to serve a
+different teacher checkpoint or model, data set, split, subset, normalisation, or a run
+with random augmentation.
+
+Format: plain ``.npy`` + JSON rather than array_record/tfds. The logits are one dense
+float array; a batch lookup is one vectorised fancy index into a memory-mapped ``.npy``
+(no per-record decoding, no TensorFlow), and the ids are a sorted array searched with
+``np.searchsorted``. An array_record file would need one serialised record per example and
+a separate id index to give the same random access.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxkd import config as config_lib
+from jaxkd import data as data_lib
+from jaxkd import models as models_lib
+from jaxkd.train import checkpoint as ckpt_lib
+from jaxkd.train import step as step_lib
+
+CACHE_FORMAT = 1
+MANIFEST, LOGITS, IDS = "manifest.json", "logits.npy", "ids.npy"
+
+
+# --------------------------------------------------------------------------------------------
+# Identity of the things a cache depends on
+# --------------------------------------------------------------------------------------------
+
+
+def variables_hash(variables) -> str:
+    """sha256 over the teacher's variables (paths, dtypes, shapes and bytes, in path order)."""
+    h = hashlib.sha256()
+    flat, _ = jax.tree_util.tree_flatten_with_path(variables)
+    for path, leaf in sorted(flat, key=lambda pl: jax.tree_util.keystr(pl[0])):
+        a = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{jax.tree_util.keystr(path)}|{a.dtype.str}|{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _numeric_dirs(folder: str) -> list[int]:
+    if not os.path.isdir(folder):
+        return []
+    return sorted(int(n) for n in os.listdir(folder) if n.isdigit())
+
+
+def checkpoint_identity(workdir: str, which: str = "best") -> dict:
+    """``{"kind", "step", "fingerprint"}`` of the checkpoint ``load_model_variables`` reads.
+
+    Cheap (no arrays read): the newest step of ``best/`` (``which="best"``, when present) else
+    of ``checkpoints/``, and a hash of Orbax's ``_CHECKPOINT_METADATA`` of that step, which
+    holds its commit time, so a teacher retrained into the same work dir gets a new one.
+    """
+    workdir = os.path.abspath(workdir)
+    for kind in (("best", "checkpoints") if which == "best" else ("checkpoints",)):
+        steps = _numeric_dirs(os.path.join(workdir, kind))
+        if steps:
+            step_dir = os.path.join(workdir, kind, str(steps[-1]))
+            meta_file = os.path.join(step_dir, "_CHECKPOINT_METADATA")
+            blob = open(meta_file, "rb").read() if os.path.exists(meta_file) else str(sorted(os.listdir(step_dir))).encode()
+            return {"kind": kind, "step": steps[-1], "fingerprint": hashlib.sha256(blob).hexdigest()[:16]}
+    raise ckpt_lib.CheckpointError(f"no checkpoint of the teacher in {workdir!r}; train the teacher first")
+
+
+def data_identity(config) -> dict:
+    """The config values that decide which examples (and ids) the training split holds."""
+    d = config.data
+    return {"name": d.name, "train_split": d.train_split, "num_train_examples": d.num_train_examples,
+            "subset_seed": d.subset_seed if d.num_train_examples is not None else None,
+            "builder_kwargs": json.loads(json.dumps(dict(d.builder_kwargs)))}
+
+
+def resolved_augmentation(config, dataset_name: str) -> dict:
+    aug = data_lib.default_augmentation(dataset_name) if config.data.augment is None else dict(config.data.augment)
+    return {"pad": int(aug.get("pad", 0)), "flip": bool(aug.get("flip", False))}
+
+
+# --------------------------------------------------------------------------------------------
+# Building
+# --------------------------------------------------------------------------------------------
+
+
+def build_teacher_cache(config, teacher_workdir: str | None, out_path: str, *, batch_size: int | None = None,
+                        progress: bool = False) -> dict:
+    """Runs ``config.teacher`` once over ``config.data``'s training split; returns the manifest.
+
+    ``teacher_workdir`` defaults to ``config.teacher.workdir`` (one teacher); the checkpoint
+    is ``config.teacher.checkpoint``. Batches of ``batch_size`` (default
+    ``config.data.eval_batch_size``); the last one padded and its padding dropped.
+
+    The manifest records: ``teacher`` (work dir, checkpoint kind/step/fingerprint, sha256 of
+    the variables, model name and kwargs, its eval accuracy), ``data`` (name, split, subset:
+    :func:`data_identity`, plus ``num_examples``), ``normalisation`` (mean, std),
+    ``augmentation`` (``{"pad": 0, "flip": False}``: the view stored), ``num_views`` (1),
+    ``logits`` (dtype, shape) and the file names.
+    """
+    teacher_workdir = teacher_workdir or config.teacher.workdir
+    if not isinstance(teacher_workdir, str) or not teacher_workdir:
+        raise config_lib.ConfigError("a teacher cache needs one teacher: set config.teacher.workdir "
+                                     "(a list of teachers or config.teachers is not supported)")
+    if config.get("teachers") is not None:
+        raise config_lib.ConfigError("config.teachers is set; a teacher cache holds one teacher's logits")
+    teacher_workdir = os.path.abspath(teacher_workdir)
+    d = config.data
+    info, train_src, _ = data_lib.load_dataset(
+        d.name, data_dir=d.data_dir, train_split=d.train_split, eval_split=d.eval_split,
+        num_train_examples=d.num_train_examples, subset_seed=d.subset_seed,
+        builder_kwargs=dict(d.builder_kwargs), download=d.download)
+    teacher = models_lib.create_model(config.teacher.name, info.num_classes, **dict(config.teacher.kwargs))
+    sample = jnp.zeros((1, *info.input_shape), jnp.float32)
+    template = jax.jit(teacher.init)(jax.random.PRNGKey(0), sample)
+    identity = checkpoint_identity(teacher_workdir, config.teacher.checkpoint)
+    variables, meta = ckpt_lib.load_model_variables(teacher_workdir, template, config.teacher.checkpoint)
+    pipeline = step_lib.InputPipeline(mean=tuple(info.mean), std=tuple(info.std))
+
+    @jax.jit
+    def forward(images):
+        logits, _, _ = teacher.apply(variables, pipeline(None, images, train=False), train=False)
+        return logits.astype(jnp.float32)
+
+    n = len(train_src)
+    batch_size = int(batch_size or d.eval_batch_size)
+    logits = np.empty((n, 1, info.num_classes), np.float32)
+    ids = np.empty((n,), np.int64)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=n, desc="teacher logits", unit="img", unit_scale=True, dynamic_ncols=True)
+    row = 0
+    for batch in data_lib.eval_batches(train_src, batch_size):
+        k = int(batch["mask"].sum())
+        out = np.asarray(forward(batch["image"]))
+        logits[row:row + k, 0] = out[:k]
+        ids[row:row + k] = batch["id"][:k]
+        row += k
+        if bar is not None:
+            bar.update(k)
+    if bar is not None:
+        bar.close()
+    order = np.argsort(ids, kind="stable")
+    ids, logits = ids[order], logits[order]
+    if np.any(np.diff(ids) == 0):
+        raise ValueError("the training split has duplicate example ids; a cache keyed by id cannot serve it")
+
+    manifest = {
+        "format": CACHE_FORMAT,
+        "teacher": {"workdir": teacher_workdir, "checkpoint": config.teacher.checkpoint, **identity,
+                    "variables_sha256": variables_hash(variables), "name": config.teacher.name,
+                    "kwargs": json.loads(json.dumps(dict(config.teacher.kwargs))),
+                    "accuracy": (meta or {}).get("accuracy")},
+        "data": {**data_identity(config), "num_examples": n, "num_classes": info.num_classes,
+                 "input_shape": list(info.input_shape)},
+        "normalisation": {"mean": list(info.mean), "std": list(info.std)},
+        "augmentation": {"pad": 0, "flip": False},
+        "num_views": 1,
+        "logits": {"dtype": "float32", "shape": list(logits.shape), "file": LOGITS, "ids_file": IDS},
+    }
+    os.makedirs(out_path, exist_ok=True)
+    for name, array in ((LOGITS, logits), (IDS, ids)):
+        _atomic_save(os.path.join(out_path, name), array)
+    tmp = os.path.join(out_path, f"{MANIFEST}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=2)
+    os.replace(tmp, os.path.join(out_path, MANIFEST))  # written last: a cache without it is incomplete
+    return manifest
+
+
+def _atomic_save(path: str, array: np.ndarray) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        np.save(f, array, allow_pickle=False)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading and checking
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherCache:
+    """An opened cache: ``lookup(ids) -> logits [B, C]`` (float32), view 0."""
+
+    path: str
+    manifest: Mapping[str, Any]
+    ids: np.ndarray      # sorted int64 [N]
+    logits: np.ndarray   # [N, V, C], memory-mapped
+
+    def lookup(self, ids) -> np.ndarray:
+        """The cached logits of the examples ``ids`` (any order, repeats allowed)."""
+        ids = np.asarray(ids, np.int64).reshape(-1)
+        rows = np.searchsorted(self.ids, ids)
+        rows = np.minimum(rows, len(self.ids) - 1)
+        missing = self.ids[rows] != ids
+        if np.any(missing):
+            raise KeyError(f"example id(s) {ids[missing][:5].tolist()} are not in the teacher cache {self.path!r}; "
+                           "it was made for another data set or subset")
+        return np.asarray(self.logits[rows, 0])
+
+
+def open_teacher_cache(path: str) -> TeacherCache:
+    """Opens the cache folder written by :func:`build_teacher_cache` (logits memory-mapped)."""
+    manifest_file = os.path.join(path, MANIFEST)
+    if not os.path.exists(manifest_file):
+        raise config_lib.ConfigError(f"config.teacher.cache={path!r}: no {MANIFEST} there; build the cache with "
+                                     "`jaxkd cache-teacher --config ... --workdir PATH`")
+    with open(manifest_file) as f:
+        manifest = json.load(f)
+    if manifest.get("format") != CACHE_FORMAT:
+        raise config_lib.ConfigError(f"config.teacher.cache={path!r} has format {manifest.get('format')!r}; "
+                                     f"this jaxkd reads format {CACHE_FORMAT}: rebuild it")
+    ids = np.load(os.path.join(path, manifest["logits"]["ids_file"]), allow_pickle=False)
+    logits = np.load(os.path.join(path, manifest["logits"]["file"]), mmap_mode="r", allow_pickle=False)
+    if list(logits.shape) != list(manifest["logits"]["shape"]) or len(ids) != logits.shape[0]:
+        raise config_lib.ConfigError(f"config.teacher.cache={path!r}: {LOGITS}/{IDS} do not match the manifest "
+                                     f"(shape {list(logits.shape)}, {len(ids)} ids); rebuild it")
+    return TeacherCache(path=path, manifest=manifest, ids=ids, logits=logits)
+
+
+def cache_mismatches(manifest: Mapping[str, Any], config, info, augmentation: Mapping[str, Any]) -> list[str]:
+    """What differs between a cache and a training run (empty: the cache serves the run).
+
+    ``info`` is the run's :class:`~jaxkd.data.DatasetInfo`; ``augmentation`` its resolved
+    ``{"pad", "flip"}``. The teacher is compared by model name/kwargs and, when
+    ``config.teacher.workdir`` is set, by work dir and checkpoint identity (no arrays read).
+    """
+    out = []
+    t = manifest["teacher"]
+    if config.teacher.name != t["name"] or json.loads(json.dumps(dict(config.teacher.kwargs))) != t["kwargs"]:
+        out.append(f"teacher model: cache {t['name']} {t['kwargs']}, config.teacher {config.teacher.name} "
+                   f"{dict(config.teacher.kwargs)}")
+    workdir = config.teacher.workdir
+    if workdir is not None:
+        if not isinstance(workdir, str) or os.path.abspath(workdir) != t["workdir"]:
+            out.append(f"teacher work dir: cache {t['workdir']!r}, config.teacher.workdir {workdir!r}")
+        elif config.teacher.checkpoint != t["checkpoint"]:
+            out.append(f"teacher checkpoint: cache {t['checkpoint']!r}, config.teacher.checkpoint "
+                       f"{config.teacher.checkpoint!r}")
+        else:
+            now = checkpoint_identity(workdir, config.teacher.checkpoint)
+            if (now["kind"], now["step"], now["fingerprint"]) != (t["kind"], t["step"], t["fingerprint"]):
+                out.append(f"teacher checkpoint: the cache was made from {t['kind']} step {t['step']} "
+                           f"({t['fingerprint']}), {workdir!r} now holds {now['kind']} step {now['step']} "
+                           f"({now['fingerprint']}): the teacher was retrained")
+    want = data_identity(config)
+    have = manifest["data"]
+    for key, value in want.items():
+        if have.get(key) != value:
+            out.append(f"data.{key}: cache {have.get(key)!r}, config {value!r}")
+    if info.num_train != have["num_examples"] or info.num_classes != have["num_classes"]:
+        out.append(f"training split: cache {have['num_examples']} examples / {have['num_classes']} classes, "
+                   f"run {info.num_train} / {info.num_classes}")
+    norm = manifest["normalisation"]
+    if not (np.allclose(norm["mean"], info.mean, rtol=0, atol=1e-7)
+            and np.allclose(norm["std"], info.std, rtol=0, atol=1e-7)):
+        out.append(f"input normalisation: cache mean {norm['mean']} std {norm['std']}, run mean {list(info.mean)} "
+                   f"std {list(info.std)}")
+    if manifest["num_views"] == 1 and (augmentation.get("pad") or augmentation.get("flip")):
+        out.append(f"augmentation: the run augments randomly ({dict(augmentation)}, from data.augment or the "
+                   f"data set's default) but the cache holds the un-augmented view only; train with "
+                   "data.augment={} or use the live teacher (no teacher.cache)")
+    return out
+
+
+def open_for_training(config, info, augmentation: Mapping[str, Any], recipes, train_source) -> TeacherCache:
+    """Opens ``config.teacher.cache`` and checks it serves this run; raises ``ConfigError`` if not.
+
+    Every recipe that uses the teacher must read only ``teacher_logits``
+    (``Recipe.teacher_logits_only``); feature methods and BSS (``teacher_apply``) are refused.
+    """
+    path = config.teacher.cache
+    needs_more = sorted({r.name for r in recipes if r.uses_teacher and not getattr(r, "teacher_logits_only", False)})
+    if needs_more:
+        raise config_lib.ConfigError(
+            f"config.teacher.cache is set but method(s) {needs_more} need the teacher's features or to run the "
+            "teacher on other inputs; only logit methods (e.g. hinton_kd) can use a cache. Unset teacher.cache.")
+    if any(getattr(r, "trains_teacher", False) for r in recipes):
+        raise config_lib.ConfigError("config.teacher.cache is set but the method trains the teacher jointly")
+    if config.get("teachers") is not None or isinstance(config.teacher.workdir, (list, tuple)):
+        raise config_lib.ConfigError("config.teacher.cache holds one teacher's logits; unset config.teachers "
+                                     "or the list in config.teacher.workdir")
+    cache = open_teacher_cache(path)
+    diffs = cache_mismatches(cache.manifest, config, info, augmentation)
+    if diffs:
+        raise config_lib.ConfigError(f"config.teacher.cache={path!r} does not fit this run: " + "; ".join(diffs)
+                                     + ". Rebuild it (jaxkd cache-teacher) with this config, or fix the config.")
+    # ids without reading images (ArraySource keeps them, LazySource's ids are its record indices)
+    train_ids = getattr(train_source, "ids", None)
+    if train_ids is None:
+        train_ids = getattr(train_source, "record_indices", None)
+    if train_ids is not None and not np.array_equal(np.sort(np.asarray(train_ids)), cache.ids):
+        raise config_lib.ConfigError(f"config.teacher.cache={path!r}: the training split's example ids differ "
+                                     "from the cache's; rebuild it with this config")
+    return cache

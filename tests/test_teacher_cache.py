@@ -1,0 +1,164 @@
+"""Teacher-output cache: rows keyed by example id, KD from the cache = KD with the live teacher,
+and every refusal (other teacher, data, subset, normalisation, augmentation, feature methods)."""
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxkd import config as config_lib
+from jaxkd import data as data_lib
+from jaxkd import models as models_lib
+from jaxkd.experiment import teacher_config
+from jaxkd.train import checkpoint as ckpt_lib
+from jaxkd.train import recipes as recipes_lib
+from jaxkd.train import step as step_lib
+from jaxkd.train import teacher_cache as cache_lib
+from jaxkd.train.loop import train_and_evaluate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def small_config(**over):
+    c = config_lib.load_config(os.path.join(ROOT, "experiments/configs/digits.py"))
+    c.teacher.kwargs = {"width": 8}
+    c.train.num_epochs = 1
+    c.train.progress = False
+    c.train.tensorboard = False
+    c.data.batch_size = 64
+    c.data.augment = {}
+    return config_lib.apply_overrides(c, [f"{k}={v!r}" for k, v in over.items()])
+
+
+@pytest.fixture(scope="module")
+def teacher_and_cache(tmp_path_factory, data_dir):
+    """A CNN teacher trained one epoch on digits, and its cache."""
+    wd = str(tmp_path_factory.mktemp("teacher"))
+    train_and_evaluate(teacher_config(small_config()), wd)
+    cache = str(tmp_path_factory.mktemp("cache"))
+    cache_lib.build_teacher_cache(small_config(**{"teacher.workdir": wd}), None, cache, batch_size=100)
+    return wd, cache
+
+
+def _teacher_forward(config, teacher_wd):
+    info, train_src, _ = data_lib.load_dataset(config.data.name)
+    teacher = models_lib.create_model(config.teacher.name, info.num_classes, **dict(config.teacher.kwargs))
+    template = teacher.init(jax.random.PRNGKey(0), jnp.zeros((1, *info.input_shape)))
+    variables, _ = ckpt_lib.load_model_variables(teacher_wd, template)
+    pipeline = step_lib.InputPipeline(mean=info.mean, std=info.std)
+    forward = jax.jit(lambda im: teacher.apply(variables, pipeline(None, im, train=False), train=False)[0])
+    return train_src, forward, variables
+
+
+def _run_params(workdir):
+    _, state = ckpt_lib.load_run_state(workdir)
+    return state["params"]
+
+
+def test_manifest_records_what_the_cache_was_made_from(teacher_and_cache):
+    teacher_wd, cache = teacher_and_cache
+    m = cache_lib.open_teacher_cache(cache).manifest
+    _, _, variables = _teacher_forward(small_config(), teacher_wd)
+    assert m["teacher"]["workdir"] == os.path.abspath(teacher_wd)
+    assert m["teacher"]["variables_sha256"] == cache_lib.variables_hash(variables)
+    assert m["teacher"]["name"] == "cnn" and m["teacher"]["kwargs"] == {"width": 8}
+    assert isinstance(m["teacher"]["step"], int) and m["teacher"]["kind"] == "best"
+    assert m["data"]["name"] == "digits" and m["data"]["train_split"] == "train"
+    assert m["data"]["num_train_examples"] is None
+    assert m["augmentation"] == {"pad": 0, "flip": False} and m["num_views"] == 1
+    assert m["logits"]["dtype"] == "float32" and m["logits"]["shape"][1:] == [1, 10]
+    assert len(m["normalisation"]["mean"]) == 1
+
+
+def test_cached_rows_are_the_teachers_logits_even_when_shuffled(teacher_and_cache):
+    """The old cache's bug: rows found by batch index. Here, over 3 shuffled epochs, every row
+    looked up by ``batch["id"]`` is the teacher's output on the image that is in the batch."""
+    teacher_wd, cache_path = teacher_and_cache
+    train_src, forward, _ = _teacher_forward(small_config(), teacher_wd)
+    cache = cache_lib.open_teacher_cache(cache_path)
+    assert cache.logits.shape[0] == len(train_src)
+    batches = data_lib.train_batches(train_src, 64, seed=3)
+    steps = 3 * data_lib.steps_per_epoch(len(train_src), 64)
+    orders = []
+    for _ in range(steps):
+        b = next(batches)
+        orders.append(b["id"])
+        np.testing.assert_allclose(cache.lookup(b["id"]), np.asarray(forward(b["image"])), rtol=1e-5, atol=1e-5)
+    first, second = np.concatenate(orders[:5]), np.concatenate(orders[steps // 3:steps // 3 + 5])
+    assert not np.array_equal(first, second)  # the epochs really are in different orders
+    with pytest.raises(KeyError, match="not in the teacher cache"):
+        cache.lookup([10**9])
+
+
+def test_kd_from_cache_equals_kd_with_live_teacher(tmp_path, teacher_and_cache):
+    teacher_wd, cache = teacher_and_cache
+    live = train_and_evaluate(small_config(**{"teacher.workdir": teacher_wd}), str(tmp_path / "live"))
+    cached = train_and_evaluate(small_config(**{"teacher.workdir": teacher_wd, "teacher.cache": cache}),
+                                str(tmp_path / "cached"))
+    # the teacher computed its logits in another jit (another batch size), so the targets may
+    # differ in the last bits; the params after one epoch agree to float32 rounding
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+                 _run_params(str(tmp_path / "live")), _run_params(str(tmp_path / "cached")))
+    assert cached["steps"] == live["steps"]
+    assert cached["teacher_accuracy"] == pytest.approx(live["teacher_accuracy"])
+    # without teacher.workdir the cache's own teacher is used (nothing to compare it with)
+    alone = train_and_evaluate(small_config(**{"teacher.cache": cache}), str(tmp_path / "alone"))
+    assert alone["steps"] == live["steps"]
+
+
+@pytest.mark.parametrize("over, expected", [
+    ({"teacher.kwargs": {"width": 16}}, "teacher model"),
+    ({"data.num_train_examples": 640}, "data.num_train_examples"),
+    ({"data.augment": {"pad": 1, "flip": True}}, "data.augment={}"),
+    ({"method": {"name": "at"}}, "only logit methods"),
+    ({"method": {"name": "bss"}}, "only logit methods"),
+])
+def test_refusals(tmp_path, teacher_and_cache, over, expected):
+    teacher_wd, cache = teacher_and_cache
+    cfg = small_config(**{"teacher.workdir": teacher_wd, "teacher.cache": cache, **over})
+    with pytest.raises(config_lib.ConfigError, match=expected.replace("{", r"\{").replace("}", r"\}")):
+        train_and_evaluate(cfg, str(tmp_path / "run"))
+
+
+def test_refuses_other_teacher_normalisation_and_split(tmp_path, teacher_and_cache):
+    teacher_wd, cache = teacher_and_cache
+    # another teacher work dir
+    other = str(tmp_path / "other_teacher")
+    shutil.copytree(teacher_wd, other)
+    with pytest.raises(config_lib.ConfigError, match="teacher work dir"):
+        train_and_evaluate(small_config(**{"teacher.workdir": other, "teacher.cache": cache}), str(tmp_path / "a"))
+    # the same work dir, retrained (Orbax's checkpoint metadata changes): simulated on a copy
+    fake = str(tmp_path / "fake_cache")
+    shutil.copytree(cache, fake)
+    manifest = json.load(open(os.path.join(fake, "manifest.json")))
+    manifest["teacher"]["fingerprint"] = "0" * 16
+    json.dump(manifest, open(os.path.join(fake, "manifest.json"), "w"))
+    with pytest.raises(config_lib.ConfigError, match="the teacher was retrained"):
+        train_and_evaluate(small_config(**{"teacher.workdir": teacher_wd, "teacher.cache": fake}),
+                           str(tmp_path / "b"))
+    # other normalisation and split
+    manifest["teacher"]["fingerprint"] = json.load(open(os.path.join(cache, "manifest.json")))["teacher"]["fingerprint"]
+    manifest["normalisation"]["mean"] = [0.25]
+    manifest["data"]["train_split"] = "train[:50%]"
+    json.dump(manifest, open(os.path.join(fake, "manifest.json"), "w"))
+    with pytest.raises(config_lib.ConfigError, match="input normalisation") as e:
+        train_and_evaluate(small_config(**{"teacher.workdir": teacher_wd, "teacher.cache": fake}),
+                           str(tmp_path / "c"))
+    assert "data.train_split" in str(e.value)
+    with pytest.raises(config_lib.ConfigError, match="no manifest.json"):
+        train_and_evaluate(small_config(**{"teacher.cache": str(tmp_path)}), str(tmp_path / "d"))
+
+
+def test_step_refuses_cache_for_feature_recipe():
+    student = models_lib.create_model("cnn", 10, width=4)
+    import optax
+    with pytest.raises(ValueError, match="cannot train from cached teacher logits"):
+        step_lib.make_train_step(student, recipes_lib.build_recipe({"name": "at"}), optax.sgd(0.1),
+                                 step_lib.InputPipeline((0.5,), (0.25,)), cached_teacher=True)
+    # a logit recipe needs no teacher model when its logits come from a cache
+    step_lib.make_train_step(student, recipes_lib.hinton_kd_recipe(), optax.sgd(0.1),
+                             step_lib.InputPipeline((0.5,), (0.25,)), cached_teacher=True)
