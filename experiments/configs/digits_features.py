@@ -11,27 +11,34 @@ import os
 from jaxkd.config import load_config
 
 
-def get_config():
-    # data, optimizer and schedule as in digits.py; other models
-    c = load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits.py"))
-    c.teacher.name, c.teacher.kwargs = "resnet20", {}
-    c.model.name, c.model.kwargs = "resnet8", {}
-    c.presets = {
+def feature_presets(first_stage_epochs: int, total_epochs: int) -> dict:
+    """KD, FitNets (one and two stages), AT, FSP and BSS; two-stage methods spend
+    ``first_stage_epochs`` of ``total_epochs`` in their first stage."""
+    rest = total_epochs - first_stage_epochs
+    return {
         "kd": {"method": {"name": "hinton_kd", "temperature": 4.0, "alpha": 0.9, "gamma": 0.1}},
         # RepDistiller: CE + 100 * hint(stage2), one stage
         "fitnets": {"method": {"name": "fitnets", "beta": 100.0}},
         # the paper: hint stage (layers up to stage2 + regressor), then KD with a decaying weight
         "fitnets_two_stage": {"stages": [
-            {"name": "hint", "num_epochs": 5, "method": {"name": "fitnets_hint"}},
-            {"name": "kd", "num_epochs": 25, "method": {
+            {"name": "hint", "num_epochs": first_stage_epochs, "method": {"name": "fitnets_hint"}},
+            {"name": "kd", "num_epochs": rest, "method": {
                 "name": "hinton_kd", "temperature": 4.0, "gamma": 1.0,
                 "alpha": {"type": "linear", "init": 4.0, "end": 1.0}}}]},
         # attention transfer, code mode, beta 1000, on the three stage outputs
         "at": {"method": {"name": "at", "mode": "code"}},
         # RepDistiller FSP: an FSP-only initialisation stage, then CE
         "fsp": {"stages": [
-            {"name": "fsp_init", "num_epochs": 5, "method": {"name": "fsp"}},
-            {"name": "train", "num_epochs": 25, "method": {"name": "ce"}}]},
+            {"name": "fsp_init", "num_epochs": first_stage_epochs, "method": {"name": "fsp"}},
+            {"name": "train", "num_epochs": rest, "method": {"name": "ce"}}]},
         "bss": {"method": {"name": "bss", "temperature": 3.0}},
     }
+
+
+def get_config():
+    # data, optimizer and schedule as in digits.py; other models
+    c = load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits.py"))
+    c.teacher.name, c.teacher.kwargs = "resnet20", {}
+    c.model.name, c.model.kwargs = "resnet8", {}
+    c.presets = feature_presets(first_stage_epochs=5, total_epochs=30)
     return c
