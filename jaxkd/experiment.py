@@ -109,14 +109,18 @@ def compare(config: ml_collections.ConfigDict, workdir: str, seeds: Iterable[int
     runs: dict[str, list[dict]] = {}
 
     if config.teacher.workdir:  # reuse a teacher trained elsewhere (e.g. by another comparison)
-        teacher_dir = os.path.abspath(config.teacher.workdir)
-        _announce(f"teacher (reused from {teacher_dir})", config.teacher.name)
-        summary_path = os.path.join(teacher_dir, "summary.json")
-        if not os.path.exists(summary_path):
-            raise config_lib.ConfigError(f"config.teacher.workdir={teacher_dir!r} holds no finished run "
-                                         "(no summary.json); train the teacher first or unset it")
-        with open(summary_path) as f:
-            runs["teacher"] = [json.load(f)]
+        several = isinstance(config.teacher.workdir, (list, tuple))  # several teachers: one row, mean ± std
+        teacher_dir = ([os.path.abspath(w) for w in config.teacher.workdir] if several
+                       else os.path.abspath(config.teacher.workdir))
+        runs["teacher"] = []
+        for one_dir in (teacher_dir if several else [teacher_dir]):
+            _announce(f"teacher (reused from {one_dir})", config.teacher.name)
+            summary_path = os.path.join(one_dir, "summary.json")
+            if not os.path.exists(summary_path):
+                raise config_lib.ConfigError(f"config.teacher.workdir={one_dir!r} holds no finished run "
+                                             "(no summary.json); train the teacher first or unset it")
+            with open(summary_path) as f:
+                runs["teacher"].append(json.load(f))
     else:
         teacher_dir = os.path.join(workdir, "teacher")
         _announce("teacher", config.teacher.name)
@@ -146,7 +150,7 @@ def compare(config: ml_collections.ConfigDict, workdir: str, seeds: Iterable[int
     table = format_table(rows, config)
     with open(os.path.join(workdir, "results.md"), "w") as f:
         f.write(table + "\n")
-    plot_curves(workdir, list(runs), teacher_dir)
+    plot_curves(workdir, list(runs), teacher_dir if isinstance(teacher_dir, str) else None)
     if sweep and len(sweep) == 2 and not methods:
         plot_sweep(workdir, rows, sweep, config.method.name)
     return rows

@@ -161,7 +161,8 @@ def test_train_step_with_ensemble_keeps_teachers_and_trains_student():
     cnn = create_model("cnn", 10, width=4, hidden=8)
     student = create_model("mlp", 10, hidden=(8,))
     x = jnp.zeros((1, 8, 8, 1))
-    t_vars = stack_variables([jax.jit(cnn.init)(jax.random.PRNGKey(i), x) for i in range(3)])
+    init = jax.jit(cnn.init)
+    t_vars = stack_variables([init(jax.random.PRNGKey(i), x) for i in range(3)])
     before = jax.tree.map(np.array, t_vars)
     ens = stacked_ensemble(cnn, 3)
     recipe = build_recipe({"name": "random_teacher_kd", "per": "batch"})
@@ -192,23 +193,28 @@ def _config(**over):
 
 @pytest.fixture(scope="module")
 def teachers(tmp_path_factory, data_dir):
-    """A cnn teacher and an mlp (a second architecture), one epoch on 128 images each."""
-    cnn_dir, mlp_dir = str(tmp_path_factory.mktemp("cnn_teacher")), str(tmp_path_factory.mktemp("mlp_teacher"))
+    """A cnn teacher, one epoch on 128 images."""
+    cnn_dir = str(tmp_path_factory.mktemp("cnn_teacher"))
     tc = teacher_config(_config())
     tc.data.num_train_examples = 128
     train_and_evaluate(tc, cnn_dir)
-    train_and_evaluate(_config(method={"name": "ce"}), mlp_dir)
-    return cnn_dir, mlp_dir
+    return cnn_dir
 
 
-def test_loop_stacked_and_tuple_ensembles(tmp_path, teachers):
-    cnn_dir, mlp_dir = teachers
+@pytest.mark.slow  # (tests/test_meal.py runs the loop with a stacked ensemble too)
+def test_loop_stacked_ensemble(tmp_path, teachers):
     # same architecture: teacher.workdir as a list -> stacked params, one vmapped forward
-    s = train_and_evaluate(_config(**{"teacher.workdir": [cnn_dir, cnn_dir], "method": {"name": "ensemble_kd"}}),
+    s = train_and_evaluate(_config(**{"teacher.workdir": [teachers, teachers], "method": {"name": "ensemble_kd"}}),
                            str(tmp_path / "stacked"))
     assert s["best_accuracy"] is not None and s["teacher_accuracy"] is not None
-    # different architectures: config.teachers -> a tuple
-    teachers_cfg = [{"workdir": cnn_dir}, {"name": "mlp", "kwargs": {"hidden": (16,)}, "workdir": mlp_dir}]
+
+
+@pytest.mark.slow
+def test_loop_tuple_ensemble(tmp_path, teachers):
+    # different architectures: config.teachers -> a tuple (an mlp trained as a second "teacher")
+    mlp_dir = str(tmp_path / "mlp_teacher")
+    train_and_evaluate(_config(method={"name": "ce"}), mlp_dir)
+    teachers_cfg = [{"workdir": teachers}, {"name": "mlp", "kwargs": {"hidden": (16,)}, "workdir": mlp_dir}]
     s = train_and_evaluate(_config(teachers=teachers_cfg, method={"name": "relabel_kd"}), str(tmp_path / "tuple"))
     assert s["best_accuracy"] is not None
 
@@ -225,7 +231,18 @@ def test_bad_teacher_configs(tmp_path, over, match):
         train_and_evaluate(_config(method={"name": "ensemble_kd"}, **over), str(tmp_path / "bad"))
 
 
-def test_several_teachers_with_a_single_teacher_method_is_refused(tmp_path, teachers):
+def test_several_teachers_with_a_single_teacher_method_is_refused(tmp_path, data_dir):
+    # refused before any checkpoint is read
     with pytest.raises(config_lib.ConfigError, match="multi-teacher"):
-        train_and_evaluate(_config(**{"teacher.workdir": [teachers[0]] * 2, "method": {"name": "hinton_kd"}}),
+        train_and_evaluate(_config(**{"teacher.workdir": ["t0", "t1"], "method": {"name": "hinton_kd"}}),
                            str(tmp_path / "kd"))
+
+
+@pytest.mark.slow
+def test_compare_with_a_list_of_teacher_workdirs(tmp_path, teachers):
+    from jaxkd.experiment import compare
+
+    rows = compare(_config(**{"teacher.workdir": [teachers, teachers], "method": {"name": "ensemble_kd"}}),
+                   str(tmp_path / "cmp"), seeds=(0,), progress=False)
+    by_run = {r["run"]: r for r in rows}
+    assert by_run["teacher"]["seeds"] == 2 and by_run["ensemble_kd"]["best_mean"] > 0
