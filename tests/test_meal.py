@@ -108,14 +108,41 @@ def _config(**over):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, data_dir):
-    teacher = str(tmp_path_factory.mktemp("teacher"))
-    tc = teacher_config(_config())
-    tc.data.num_train_examples = 128
-    train_and_evaluate(tc, teacher)
-    student = str(tmp_path_factory.mktemp("student"))
-    train_and_evaluate(_config(method={"name": "ce"}), student)
-    return teacher, student
+def student(tmp_path_factory, data_dir):
+    """A baseline mlp student, one epoch on 128 images."""
+    wd = str(tmp_path_factory.mktemp("student"))
+    train_and_evaluate(_config(method={"name": "ce"}), wd)
+    return wd
+
+
+def test_meal_v2_steps_train_the_discriminator_with_its_own_optimizer():
+    from jaxkd.models import create_model
+    from jaxkd.models.ensemble import stack_variables, stacked_ensemble
+    from jaxkd.train import param_groups
+    from jaxkd.train import step as step_lib
+
+    cnn, student = create_model("cnn", 10, width=4, hidden=8), create_model("mlp", 10, hidden=(8,))
+    x = jnp.zeros((1, 8, 8, 1))
+    init = jax.jit(cnn.init)
+    t_vars = stack_variables([init(jax.random.PRNGKey(i), x) for i in range(2)])
+    before = jax.tree.map(np.array, t_vars)
+    ens = stacked_ensemble(cnn, 2)
+    recipe = build_recipe({"name": "meal_v2", "disc_lr": 1e-3})
+    tx, _ = param_groups.make_optimizer({"name": "sgd", "lr": 0.1, "momentum": 0.9}, recipe.aux_optim, 10, 1)
+    state = step_lib.create_train_state(jax.random.PRNGKey(0), student, recipe, tx, x, teacher=ens,
+                                        teacher_variables=t_vars)
+    d0 = jax.tree.map(np.array, state.params["aux"]["discriminator"])
+    step = step_lib.make_train_step(student, recipe, tx, step_lib.InputPipeline((0.0,), (1.0,)), teacher=ens)
+    batch = {"image": jax.random.uniform(jax.random.PRNGKey(2), (16, 8, 8, 1)), "label": jnp.arange(16) % 10}
+    for _ in range(2):
+        state, metrics = step(state, t_vars, batch)
+    assert {"kd", "adv", "disc"} <= set(metrics) and "ce" not in metrics
+    d1 = state.params["aux"]["discriminator"]
+    assert not np.array_equal(d0["Dense_0"]["kernel"], np.asarray(d1["Dense_0"]["kernel"]))
+    # Adam moments for the discriminator (its own optimizer), teachers untouched
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]]
+    assert any("discriminator" in p and "mu" in p for p in paths)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, t_vars), before)
 
 
 def _state(workdir, step=None):
@@ -125,8 +152,12 @@ def _state(workdir, step=None):
     return jax.tree.map(np.asarray, r.state)
 
 
-def test_meal_v2_run_from_pretrained_student(tmp_path, trained):
-    teacher, student = trained
+@pytest.mark.slow
+def test_meal_v2_run_from_pretrained_student(tmp_path, student):
+    teacher = str(tmp_path / "teacher")
+    tc = teacher_config(_config())
+    tc.data.num_train_examples = 128
+    train_and_evaluate(tc, teacher)
     wd = str(tmp_path / "meal")
     cfg = _config(**{"teacher.workdir": [teacher, teacher], "method": {"name": "meal_v2", "disc_lr": 1e-3},
                      "model.init_from": student, "train.checkpoint_every_steps": 1})
@@ -149,13 +180,12 @@ def test_meal_v2_run_from_pretrained_student(tmp_path, trained):
     assert {"train/kd", "train/adv", "train/disc"} <= set(hist[-1]) and "train/ce" not in hist[-1]
 
 
-def test_init_from_loads_exact_params_and_errors(tmp_path, trained):
+def test_init_from_loads_exact_params_and_errors(tmp_path, student):
     from jaxkd.train import loop
     from jaxkd.models import create_model
     from jaxkd.train import step as step_lib
     import optax
 
-    teacher, student = trained
     model = create_model("mlp", 10, hidden=(16,))
     state = step_lib.create_train_state(jax.random.PRNGKey(3), model, build_recipe({"name": "ce"}), optax.sgd(0.1),
                                         jnp.zeros((1, 8, 8, 1)))
@@ -165,8 +195,10 @@ def test_init_from_loads_exact_params_and_errors(tmp_path, trained):
     want = ckpt_lib.load_model_variables(student, {"params": state.params["student"]}, what="student")[0]
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, loaded.params["student"]), want["params"])
     assert loop.init_student_from(_config(), state) is state  # unset: unchanged
-    with pytest.raises(config_lib.ConfigError, match="init_from"):  # a cnn checkpoint for an mlp student
-        loop.init_student_from(_config(**{"model.init_from": teacher}), state)
+    other = step_lib.create_train_state(jax.random.PRNGKey(3), create_model("mlp", 10, hidden=(8,)),
+                                        build_recipe({"name": "ce"}), optax.sgd(0.1), jnp.zeros((1, 8, 8, 1)))
+    with pytest.raises(config_lib.ConfigError, match="init_from.*shape"):  # checkpoint of another width
+        loop.init_student_from(_config(**{"model.init_from": student}), other)
     with pytest.raises(config_lib.ConfigError, match="does not exist"):
         loop.init_student_from(_config(**{"model.init_from": str(tmp_path / "nowhere")}), state)
     with pytest.raises(config_lib.ConfigError, match="model.init_from"):
