@@ -107,6 +107,8 @@ def main() -> None:
         "ratio_cached_vs_student": med["cached"] / med["student"],
         "ratio_live_vs_student": med["live"] / med["student"],
         "ratio_live_vs_cached": med["live"] / med["cached"],
+        # the same ratio block by block (neighbouring blocks share the machine's load)
+        "ratio_cached_vs_student_per_block": [c / s for c, s in zip(times["cached"], times["student"])],
         "loadavg_1min": load, "cpu_count": os.cpu_count(), "jax": jax.__version__,
     }
     print(f"{result['pair']}, B={a.batch_size}, {a.repeats} blocks of {a.steps} steps, "
@@ -116,6 +118,9 @@ def main() -> None:
               f"blocks {[round(t * 1e3) for t in times[k]]}")
     print(f"  cached / student = {result['ratio_cached_vs_student']:.3f}   live / student = "
           f"{result['ratio_live_vs_student']:.3f}   live / cached = {result['ratio_live_vs_cached']:.3f}")
+    per_block = sorted(result["ratio_cached_vs_student_per_block"])
+    print(f"  cached / student block by block: median {statistics.median(per_block):.3f}, "
+          f"range {per_block[0]:.3f}-{per_block[-1]:.3f}")
     if a.json_out:
         with open(a.json_out, "w") as f:
             json.dump(result, f, indent=2)
