@@ -166,3 +166,15 @@ def test_step_refuses_cache_for_feature_recipe():
     # a logit recipe needs no teacher model when its logits come from a cache
     step_lib.make_train_step(student, recipes_lib.hinton_kd_recipe(), optax.sgd(0.1),
                              step_lib.InputPipeline((0.5,), (0.25,)), cached_teacher=True)
+
+
+def test_cli_cache_teacher(tmp_path, teacher_and_cache, capsys):
+    from jaxkd import cli
+    teacher_wd, cache = teacher_and_cache
+    out = str(tmp_path / "cli_cache")
+    cli.run(["cache-teacher", "--config", os.path.join(ROOT, "experiments/configs/digits.py"), "--workdir", out,
+             "--no-progress", "teacher.kwargs={'width': 8}", "data.augment={}", f"teacher.workdir={teacher_wd}"])
+    assert json.loads(capsys.readouterr().out)["logits_shape"][1:] == [1, 10]
+    a, b = cache_lib.open_teacher_cache(out), cache_lib.open_teacher_cache(cache)
+    np.testing.assert_array_equal(a.ids, b.ids)
+    np.testing.assert_allclose(a.logits, b.logits, rtol=1e-5, atol=1e-5)  # another batch size
