@@ -197,3 +197,28 @@ def test_loop_on_eight_devices_matches_one(tmp_path, data_dir):
     one, eight = out["1"][-1], out["8"][-1]
     for key in ("train/loss", "train/accuracy", "eval/loss", "eval/accuracy"):
         assert one[key] == pytest.approx(eight[key], rel=1e-4, abs=1e-5), key
+
+
+def test_bfloat16_teacher_is_stored_and_run_in_bfloat16(tmp_path, trained_teacher):
+    import jax.numpy as jnp
+
+    from jaxkd import models
+    from jaxkd.train.loop import load_teacher
+
+    teacher_dir, _ = trained_teacher
+    runs = {}
+    for name, kwargs in (("f32", {"width": 32}), ("bf16", {"width": 32, "dtype": "bfloat16"})):
+        cfg = small_config(**{"teacher.workdir": teacher_dir, "teacher.kwargs": kwargs, "train.num_epochs": 1})
+        if name == "bf16":
+            fns = models.create_model("cnn", 10, **kwargs)
+            variables, _ = load_teacher(cfg, fns, jnp.zeros((1, 8, 8, 1)))
+            dtypes = {x.dtype for x in jax.tree.leaves(variables)}
+            assert dtypes == {jnp.dtype(jnp.bfloat16)}, dtypes
+        train_and_evaluate(cfg, str(tmp_path / name))
+        with open(tmp_path / name / "metrics.jsonl") as f:
+            runs[name] = json.loads(f.readline())
+    f32, bf16 = runs["f32"], runs["bf16"]
+    # the same teacher to bfloat16 precision: its train-batch accuracy within 1 point, KD close
+    assert abs(f32["train/teacher_accuracy"] - bf16["train/teacher_accuracy"]) < 0.01
+    assert f32["train/kd"] != bf16["train/kd"]  # it really ran in bfloat16
+    np.testing.assert_allclose(bf16["train/kd"], f32["train/kd"], rtol=0.05)

@@ -132,7 +132,15 @@ def load_teacher(cfg, teacher: models_lib.ModelFns, sample_input):
                                      f"for method {cfg.method.name!r}")
     template = teacher.init(jax.random.PRNGKey(0), sample_input)
     variables, meta = ckpt_lib.load_model_variables(cfg.teacher.workdir, template, cfg.teacher.checkpoint)
-    return variables, meta
+    return _in_compute_dtype(variables, dict(cfg.teacher.kwargs).get("dtype")), meta
+
+
+def _in_compute_dtype(variables, dtype):
+    """A frozen teacher computing in a half-precision ``dtype`` (``teacher.kwargs.dtype``) is also
+    stored in it: half the memory, and the values its layers would cast to anyway."""
+    if dtype is None or jnp.dtype(dtype).itemsize >= 4:
+        return variables
+    return jax.tree.map(lambda v: v.astype(dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v, variables)
 
 
 def load_teachers(cfg, teacher: models_lib.ModelFns, sample_input, recipes, num_classes: int):
@@ -161,6 +169,7 @@ def load_teachers(cfg, teacher: models_lib.ModelFns, sample_input, recipes, num_
         template = jax.jit(model.init)(jax.random.PRNGKey(0), sample_input)  # (eager init is slow)
         v, meta = ckpt_lib.load_model_variables(spec["workdir"], template, spec["checkpoint"],
                                                 what=f"teacher {i} ({where})")
+        v = _in_compute_dtype(v, dict(spec["kwargs"]).get("dtype"))
         models.append(model)
         variables.append(v)
         metas.append(meta)
