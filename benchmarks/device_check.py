@@ -411,8 +411,9 @@ def build_report(rows: dict, infos: dict, children: list, args, wall: float) -> 
         lines.append("XLA cost_analysis FLOP/img of the compiled jaxkd step (all ops, informational): "
                      + ", ".join(f"B={b} {d}: {f / 1e9:.3f} G ({f / FLOP_KD_STEP:.2f}x analytic)"
                                  for b, d, f in sorted(xla)))
+    tv = "torch.compile" if ti.get("compile", True) else "eager (--torch-no-compile)"
     lines.append("img/s: median [min-max] of the timed repeats; TFLOP/s from the analytic count; "
-                 "torch = torch.compile + channels_last (+ bf16 autocast), eager SGD.")
+                 f"torch = {tv} + channels_last (+ bf16 autocast), eager SGD.")
     for c in children:
         if c["status"] != "ok":
             lines.append(f"note: {c['impl']} child ({','.join(c['configs'])}): {c['status']}")
