@@ -186,6 +186,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
             raise ConfigError(f"config.{key}.name: unknown model {name!r}{hint}; available: {models}")
     _require(config.teacher.checkpoint in ("best", "last"), "teacher.checkpoint", "must be 'best' or 'last'",
              config.teacher.checkpoint)
+    cache = config.teacher.get("cache")
+    _require(cache is None or (isinstance(cache, str) and cache), "teacher.cache",
+             "must be the folder of a teacher cache (jaxkd cache-teacher) or None", cache)
     init_from = config.model.get("init_from")
     _require(init_from is None or (isinstance(init_from, str) and init_from), "model.init_from",
              "must be a work dir (a non-empty string) or None", init_from)
