@@ -38,6 +38,7 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from jaxkd import config as config_lib
@@ -136,9 +137,13 @@ def build_teacher_cache(config, teacher_workdir: str | None, out_path: str, *, b
         builder_kwargs=dict(d.builder_kwargs), download=d.download)
     teacher = models_lib.create_model(config.teacher.name, info.num_classes, **dict(config.teacher.kwargs))
     sample = jnp.zeros((1, *info.input_shape), jnp.float32)
-    template = jax.jit(teacher.init)(jax.random.PRNGKey(0), sample)
     identity = checkpoint_identity(teacher_workdir, config.teacher.checkpoint)
-    variables, meta = ckpt_lib.load_model_variables(teacher_workdir, template, config.teacher.checkpoint)
+    # loaded as the training loop loads it (e.g. stored in bfloat16 for teacher.kwargs.dtype=bfloat16),
+    # so the cached logits are the ones the live teacher would give
+    from jaxkd.train.loop import load_teacher
+    with_workdir = ml_collections.ConfigDict(config.to_dict())
+    with_workdir.teacher.workdir = teacher_workdir
+    variables, meta = load_teacher(with_workdir, teacher, sample)
     pipeline = step_lib.InputPipeline(mean=tuple(info.mean), std=tuple(info.std))
 
     @jax.jit
