@@ -86,7 +86,11 @@ def checkpoint_identity(workdir: str, which: str = "best") -> dict:
         if steps:
             step_dir = os.path.join(workdir, kind, str(steps[-1]))
             meta_file = os.path.join(step_dir, "_CHECKPOINT_METADATA")
-            blob = open(meta_file, "rb").read() if os.path.exists(meta_file) else str(sorted(os.listdir(step_dir))).encode()
+            if os.path.exists(meta_file):
+                with open(meta_file, "rb") as f:
+                    blob = f.read()
+            else:
+                blob = str(sorted(os.listdir(step_dir))).encode()
             return {"kind": kind, "step": steps[-1], "fingerprint": hashlib.sha256(blob).hexdigest()[:16]}
     raise ckpt_lib.CheckpointError(f"no checkpoint of the teacher in {workdir!r}; train the teacher first")
 
