@@ -28,17 +28,19 @@ class CheckpointError(RuntimeError):
     """No usable checkpoint, or a checkpoint that does not fit the model."""
 
 
-def _barriers(prefix: str) -> ocp.options.MultiprocessingOptions:
-    # The run and best managers may save the same step number at once; in a multi-process
-    # run their cross-process barriers must have different names.
-    return ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=prefix)
+def _barriers(directory: str) -> ocp.options.MultiprocessingOptions:
+    # Several managers (run, best, a joint teacher's best) may save the same step number at
+    # once; in a multi-process run their cross-process barriers need distinct names.
+    # (named by the last two path components: the same on every host, unlike absolute paths)
+    parts = os.path.normpath(os.path.abspath(directory)).split(os.sep)[-2:]
+    return ocp.options.MultiprocessingOptions(barrier_sync_key_prefix="jaxkd." + ".".join(parts))
 
 
 def run_manager(workdir: str, keep: int = 3) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(
         os.path.join(os.path.abspath(workdir), "checkpoints"),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                             multiprocessing_options=_barriers("run")),
+                                             multiprocessing_options=_barriers(os.path.join(workdir, "checkpoints"))),
         item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
                        "meta": ocp.JsonCheckpointHandler()})
 
@@ -47,7 +49,7 @@ def best_manager(workdir: str) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(
         os.path.join(os.path.abspath(workdir), "best"),
         options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True, best_fn=lambda m: m["accuracy"],
-                                             best_mode="max", multiprocessing_options=_barriers("best")),
+                                             best_mode="max", multiprocessing_options=_barriers(os.path.join(workdir, "best"))),
         item_handlers={"model": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
 
 
