@@ -1,6 +1,5 @@
 """Multi-teacher losses against numpy, the ensemble teacher model, the config and the loop."""
 
-import os
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +16,8 @@ from jaxkd.train import step as step_lib
 from jaxkd.train.loop import train_and_evaluate
 from jaxkd.train.recipes import build_recipe
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _configs import tiny_digits_config
+
 N, B, C = 3, 5, 4
 
 
@@ -181,14 +181,7 @@ def test_train_step_with_ensemble_keeps_teachers_and_trains_student():
 
 # ---- through the config and the loop (tiny teachers trained for one epoch) ----
 
-def _config(**over):
-    c = config_lib.load_config(os.path.join(ROOT, "experiments/configs/digits.py"))
-    c.model.kwargs = {"hidden": (16,)}
-    c.teacher.kwargs = {"width": 4, "hidden": 16}
-    c.data.num_train_examples = 128
-    c.train.progress = c.train.tensorboard = False
-    c.train.num_epochs = 1
-    return config_lib.apply_overrides(c, [f"{k}={v!r}" for k, v in over.items()])
+_config = tiny_digits_config
 
 
 @pytest.fixture(scope="module")

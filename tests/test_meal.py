@@ -18,7 +18,8 @@ from jaxkd.train import checkpoint as ckpt_lib
 from jaxkd.train.loop import train_and_evaluate
 from jaxkd.train.recipes import build_recipe
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _configs import tiny_digits_config
+
 
 
 def _np_softmax(z):
@@ -97,14 +98,7 @@ def test_bad_options():
 
 # ---- through the loop: tiny teacher and baseline student, one epoch each ----
 
-def _config(**over):
-    c = config_lib.load_config(os.path.join(ROOT, "experiments/configs/digits.py"))
-    c.model.kwargs = {"hidden": (16,)}
-    c.teacher.kwargs = {"width": 4, "hidden": 16}
-    c.data.num_train_examples = 128
-    c.train.progress = c.train.tensorboard = False
-    c.train.num_epochs = 1
-    return config_lib.apply_overrides(c, [f"{k}={v!r}" for k, v in over.items()])
+_config = tiny_digits_config
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ and fine-tunes it at lr 0.01; `ft_ce` is the control: the same fine-tuning with 
 
 import os
 
-from jaxkd.config import base_config
+from jaxkd.config import load_config
 
 ROOT = os.environ.get("JAXKD_ENSEMBLE_DIR", "runs/digits_ensemble")
 COMPARE_DIR = os.environ.get("JAXKD_ENSEMBLE_COMPARE_DIR", os.path.join(ROOT, "full"))
@@ -27,21 +27,8 @@ KD = {"temperature": 4.0, "alpha": 0.9, "gamma": 0.1}
 
 
 def get_config():
-    c = base_config()
-    c.data.name = "digits"
-    c.data.batch_size = 64
-    c.data.eval_batch_size = 128
-    c.teacher.name = "cnn"
-    c.teacher.kwargs = {"width": 32}
-    c.model.name = "mlp"
-    c.model.kwargs = {"hidden": (32,)}
-    c.method.name = "hinton_kd"
-    c.method.update(KD)
-    c.optim.lr = 0.05
-    c.optim.weight_decay = 5e-4
-    c.optim.schedule = "cosine"
-    c.train.num_epochs = 30
-    c.train.log_every_steps = 10
+    # data, models, KD, optimizer and schedule as in digits.py; its presets are replaced below
+    c = load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits.py"))
     # MEAL V2 and its CE control fine-tune seed k's baseline student at lr 0.01 (presets take
     # whole sub-dicts, not dotted keys)
     finetune = {"model": {**c.model.to_dict(), "init_from": os.path.join(COMPARE_DIR, "baseline", "seed{seed}")},
