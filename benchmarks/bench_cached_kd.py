@@ -39,7 +39,10 @@ NUM_CLASSES, NUM_EXAMPLES = 100, 50_000
 MEAN, STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 
 
-def build_rows(student_name: str, teacher_name: str, batch_size: int):
+def build_rows(student_name: str, teacher_name: str, batch_size: int, names=("student", "cached", "live"),
+               mesh=None):
+    """``{name: run_one}`` for the rows in ``names``; ``run_one()`` runs one step and returns its
+    metrics. With ``mesh`` the steps run data-parallel over it."""
     student = models.create_model(student_name, NUM_CLASSES)
     teacher = models.create_model(teacher_name, NUM_CLASSES)
     sample = jnp.zeros((1, 32, 32, 3), jnp.float32)
@@ -55,8 +58,10 @@ def build_rows(student_name: str, teacher_name: str, batch_size: int):
 
     def row(recipe, *, cached: bool, live: bool):
         state = jax.jit(lambda r: step_lib.create_train_state(r, student, recipe, tx, sample))(jax.random.PRNGKey(0))
+        if mesh is not None:
+            state = jax.device_put(state, step_lib.replicated(mesh))
         step = step_lib.make_train_step(student, recipe, tx, pipeline, teacher=teacher if live else None,
-                                        cached_teacher=cached)
+                                        cached_teacher=cached, mesh=mesh)
         holder = {"state": state, "k": 0}
 
         def run_one():
@@ -64,14 +69,19 @@ def build_rows(student_name: str, teacher_name: str, batch_size: int):
             host = {"image": images, "label": labels}
             if cached:
                 host["teacher_logits"] = cache.lookup(ids)
-            holder["state"], metrics = step(holder["state"], t_vars if live else None,
-                                            step_lib.shard_batch(host, None))
+            holder["state"], metrics = step(holder["state"], teacher_vars if live else None,
+                                            step_lib.shard_batch(host, mesh))
             return metrics
 
+        run_one.state = lambda: holder["state"]
         return run_one
 
-    return {"student": row(ce, cached=False, live=False), "cached": row(kd, cached=True, live=False),
-            "live": row(kd, cached=False, live=True)}
+    teacher_vars = t_vars if mesh is None else jax.device_put(t_vars, step_lib.replicated(mesh))
+    rows = {"student": lambda: row(ce, cached=False, live=False), "cached": lambda: row(kd, cached=True, live=False),
+            "live": lambda: row(kd, cached=False, live=True)}
+    result = {name: rows[name]() for name in names}
+    result["teacher_variables"] = t_vars
+    return result
 
 
 def main() -> None:
@@ -87,6 +97,7 @@ def main() -> None:
     if a.quick:
         a.student, a.teacher, a.batch_size, a.repeats, a.steps = "resnet8", "resnet20", 16, 3, 3
     rows = build_rows(a.student, a.teacher, a.batch_size)
+    rows.pop("teacher_variables")
     for run_one in rows.values():  # compile and warm up
         jax.block_until_ready(run_one())
         jax.block_until_ready(run_one())
