@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 
 # Keys whose change between a kill and a resume makes the resumed run a different run.
 RESUME_KEYS = ("seed", "data.name", "data.batch_size", "data.num_train_examples", "model.name", "model.kwargs",
-               "method.name", "teacher.name", "optim.name", "train.num_epochs", "stages", "teachers")
+               "method.name", "teacher.name", "optim.name", "train.num_epochs", "stages", "teachers",
+               "teacher.cache")
 
 
 class TrainingError(RuntimeError):
