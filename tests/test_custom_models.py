@@ -2,8 +2,6 @@
 
 import os
 
-import jax
-import numpy as np
 import pytest
 from flax import nnx
 

@@ -17,7 +17,6 @@ over 3 seeds; each is also a plain ``jaxkd train`` run, e.g.
   --workdir W --generations 3 [--refinery teacher]`` (``config.method`` is ``label_refinery``).
 """
 
-from jaxkd.config import base_config  # noqa: F401  (digits.get_config starts from it)
 
 import importlib.util
 import os

@@ -19,7 +19,6 @@ import logging
 import math
 import os
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +30,6 @@ from jaxkd import data as data_lib
 from jaxkd import models as models_lib
 from jaxkd.train import checkpoint as ckpt_lib
 from jaxkd.train import joint_teacher as joint_lib
-from jaxkd.train import optim as optim_lib
 from jaxkd.train import param_groups
 from jaxkd.train import recipes as recipes_lib
 from jaxkd.train import step as step_lib
@@ -131,9 +129,15 @@ def load_teacher(cfg, teacher: models_lib.ModelFns, sample_input):
     if not cfg.teacher.workdir:
         raise config_lib.ConfigError("config.teacher.workdir must name the work dir of a trained teacher "
                                      f"for method {cfg.method.name!r}")
-    template = teacher.init(jax.random.PRNGKey(0), sample_input)
-    variables, meta = ckpt_lib.load_model_variables(cfg.teacher.workdir, template, cfg.teacher.checkpoint)
-    return _in_compute_dtype(variables, dict(cfg.teacher.kwargs).get("dtype")), meta
+    return _load_frozen(teacher, sample_input, cfg.teacher.workdir, cfg.teacher.checkpoint,
+                        dict(cfg.teacher.kwargs).get("dtype"), "teacher")
+
+
+def _load_frozen(model, sample_input, workdir, checkpoint, dtype, what):
+    """A frozen teacher's ``(variables, meta)`` from ``workdir``, checked against ``model``."""
+    template = jax.jit(model.init)(jax.random.PRNGKey(0), sample_input)  # (eager init is slow)
+    variables, meta = ckpt_lib.load_model_variables(workdir, template, checkpoint, what=what)
+    return _in_compute_dtype(variables, dtype), meta
 
 
 def _in_compute_dtype(variables, dtype):
@@ -167,10 +171,8 @@ def load_teachers(cfg, teacher: models_lib.ModelFns, sample_input, recipes, num_
         where = f"teachers[{i}]" if cfg.get("teachers") is not None else f"teacher.workdir[{i}]"
         model = _create(ml_collections.ConfigDict({"name": spec["name"], "kwargs": spec["kwargs"]}), where,
                         num_classes)
-        template = jax.jit(model.init)(jax.random.PRNGKey(0), sample_input)  # (eager init is slow)
-        v, meta = ckpt_lib.load_model_variables(spec["workdir"], template, spec["checkpoint"],
-                                                what=f"teacher {i} ({where})")
-        v = _in_compute_dtype(v, dict(spec["kwargs"]).get("dtype"))
+        v, meta = _load_frozen(model, sample_input, spec["workdir"], spec["checkpoint"],
+                               dict(spec["kwargs"]).get("dtype"), f"teacher {i} ({where})")
         models.append(model)
         variables.append(v)
         metas.append(meta)
