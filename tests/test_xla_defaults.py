@@ -31,3 +31,48 @@ def test_flag_is_accepted_by_the_installed_jaxlib():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.splitlines()[0] == "3.0"
+
+
+def test_eval_compiler_options_respect_user_and_opt_out(monkeypatch):
+    monkeypatch.setattr(_xla_defaults, "_jaxlib_version", lambda: "0.10.2")
+    monkeypatch.delenv("JAXKD_NO_XLA_DEFAULTS", raising=False)
+    monkeypatch.setenv("XLA_FLAGS", _xla_defaults.CPU_CONV_FLAG)  # jaxkd's own flag: options apply
+    assert _xla_defaults.eval_compiler_options() == {"xla_cpu_experimental_ynn_fusion_type": ""}
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=+LIBRARY_FUSION_TYPE_ELTWISE")
+    assert _xla_defaults.eval_compiler_options() == {}  # the user's own YNNPACK setting wins
+    monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.setenv("JAXKD_NO_XLA_DEFAULTS", "1")
+    assert _xla_defaults.eval_compiler_options() == {}
+    monkeypatch.delenv("JAXKD_NO_XLA_DEFAULTS")
+    monkeypatch.setattr(_xla_defaults, "_jaxlib_version", lambda: "0.11.0")
+    assert _xla_defaults.eval_compiler_options() == {}
+
+
+def test_eval_step_compiles_without_library_fusions_and_same_numbers():
+    """The eval step is compiled with the eval options (no YNNPACK fusions in its HLO) and gives
+    the numbers of the default compilation of the same function."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import pytest
+
+    from jaxkd.models import create_model
+    from jaxkd.train import step as step_lib
+
+    if not _xla_defaults.eval_compiler_options():
+        pytest.skip("eval options apply only to checked jaxlib versions on the CPU")
+    model = create_model("resnet8x4", 10)
+    pipeline = step_lib.InputPipeline(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    rng = np.random.default_rng(0)
+    batch = {"image": jnp.asarray(rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)),
+             "label": jnp.asarray(rng.integers(0, 10, 8).astype(np.int32))}
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    fast = step_lib.make_eval_step(model, pipeline)
+    assert "__ynn_fusion" not in fast.lower(variables, batch).compile().as_text()
+    # the same function compiled with the process defaults (which do use YNNPACK fusions)
+    default = jax.jit(fast.__wrapped__)
+    assert "__ynn_fusion" in default.lower(variables, batch).compile().as_text()
+    got, want = fast(variables, batch), default(variables, batch)
+    assert float(got["count"]) == 8.0
+    np.testing.assert_allclose(float(got["loss_sum"]), float(want["loss_sum"]), rtol=1e-5)
+    assert float(got["correct"]) == float(want["correct"])

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxkd._xla_defaults import eval_compiler_options
 from jaxkd.models import ModelFns
 from jaxkd.train.recipes import LossInputs, Recipe
 
@@ -309,7 +310,7 @@ def make_eval_step(model: ModelFns, pipeline: InputPipeline, *, mesh: Mesh | Non
         return {"correct": jnp.sum(correct * mask), "loss_sum": jnp.sum(ce * mask),
                 "count": jnp.sum(mask)}
 
-    kwargs = {}
+    kwargs = {"compiler_options": eval_compiler_options()}
     if mesh is not None:
         kwargs.update(in_shardings=(replicated(mesh), data_sharding(mesh)), out_shardings=replicated(mesh))
     return jax.jit(eval_step, **kwargs)

@@ -31,6 +31,7 @@ a separate id index to give the same random access.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -42,6 +43,7 @@ import ml_collections
 import numpy as np
 
 from jaxkd import config as config_lib
+from jaxkd._xla_defaults import eval_compiler_options
 from jaxkd import data as data_lib
 from jaxkd import models as models_lib
 from jaxkd.train import checkpoint as ckpt_lib
@@ -150,7 +152,7 @@ def build_teacher_cache(config, teacher_workdir: str | None, out_path: str, *, b
     variables, meta = load_teacher(with_workdir, teacher, sample)
     pipeline = step_lib.InputPipeline(mean=tuple(info.mean), std=tuple(info.std))
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=eval_compiler_options())
     def forward(images):
         logits, _, _ = teacher.apply(variables, pipeline(None, images, train=False), train=False)
         return logits.astype(jnp.float32)
