@@ -309,7 +309,19 @@ def worker_torch(args, configs) -> None:
                 opt.step()
                 box["loss"] = loss
 
-            r = time_steps(run_step, sync, batch, args)
+            try:
+                r = time_steps(run_step, sync, batch, args)
+            except Exception as e:  # noqa: BLE001 - e.g. no C compiler/triton for inductor
+                if fn is loss_fn:
+                    raise
+                # keep a (weaker) comparison rather than none: the peer in eager mode, marked
+                rec["compile_error"] = _err(e)
+                rec["variant"] = rec["variant"].replace("compile", "eager (torch.compile failed)", 1)
+                print(f"[torch] B={batch} {dtype}: torch.compile failed ({rec['compile_error']}); "
+                      "timing eager instead", flush=True)
+                torch._dynamo.reset()
+                fn = loss_fn
+                r = time_steps(run_step, sync, batch, args)
             rec.update(r)
             rec["compile_s"] = None  # torch compiles inside the first step: see first_step_s
             rec["loss"] = float(box["loss"].detach())
@@ -414,6 +426,10 @@ def build_report(rows: dict, infos: dict, children: list, args, wall: float) -> 
     tv = "torch.compile" if ti.get("compile", True) else "eager (--torch-no-compile)"
     lines.append("img/s: median [min-max] of the timed repeats; TFLOP/s from the analytic count; "
                  f"torch = {tv} + channels_last (+ bf16 autocast), eager SGD.")
+    for (impl, b, d), r in sorted(rows.items()):
+        if impl == "torch" and r.get("compile_error"):
+            lines.append(f"note: torch B={b} {d}: torch.compile failed ({r['compile_error'][:120]}); "
+                         "that row is torch eager (channels_last)")
     for c in children:
         if c["status"] != "ok":
             lines.append(f"note: {c['impl']} child ({','.join(c['configs'])}): {c['status']}")
