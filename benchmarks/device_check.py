@@ -125,6 +125,7 @@ class Budget:
 
     def __init__(self, deadline: float, impl: str = "", results_file: str = ""):
         self.deadline = deadline
+        self.results_file = results_file
         self.costs: dict[str, float] = {}  # dtype -> wall seconds of the last config
         try:  # seed with this implementation's configurations of an earlier pass
             with open(results_file) as f:
@@ -134,6 +135,16 @@ class Budget:
                         self.costs[rec["dtype"]] = rec["wall_s"]
         except (OSError, ValueError):
             pass
+
+    def skip(self, rec: dict) -> bool:
+        """Records ``rec`` as skipped (results file + log line) when its configuration does not fit."""
+        ok, left = self.allows(rec["dtype"], rec["batch"])
+        if ok:
+            return False
+        rec["skipped"] = f"budget ({left:.0f}s left)"
+        _append(self.results_file, rec)
+        print(f"[{rec['impl']}] B={rec['batch']} {rec['dtype']}: skipped, {left:.0f}s left", flush=True)
+        return True
 
     def allows(self, dtype: str, batch: int) -> tuple[bool, float]:
         left = self.deadline - time.time()
@@ -180,11 +191,7 @@ def worker_jax(args, configs) -> None:
     sample = jnp.zeros((2, 32, 32, 3), jnp.float32)
     for batch, dtype in configs:
         rec = {"impl": "jaxkd", "kind": "row", "batch": batch, "dtype": dtype}
-        ok, left = budget.allows(dtype, batch)
-        if not ok:
-            rec["skipped"] = f"budget ({left:.0f}s left)"
-            _append(args.results_file, rec)
-            print(f"[jaxkd] B={batch} {dtype}: skipped, {left:.0f}s left", flush=True)
+        if budget.skip(rec):
             continue
         t_cfg = time.perf_counter()
         try:
@@ -264,11 +271,7 @@ def worker_torch(args, configs) -> None:
         rec = {"impl": "torch", "kind": "row", "batch": batch, "dtype": dtype,
                "variant": ("compile" if not args.torch_no_compile else "eager") + "+channels_last"
                           + ("+bf16 autocast" if dtype == "bfloat16" else "")}
-        ok, left = budget.allows(dtype, batch)
-        if not ok:
-            rec["skipped"] = f"budget ({left:.0f}s left)"
-            _append(args.results_file, rec)
-            print(f"[torch] B={batch} {dtype}: skipped, {left:.0f}s left", flush=True)
+        if budget.skip(rec):
             continue
         t_cfg = time.perf_counter()
         try:
