@@ -27,6 +27,10 @@ def base_config() -> ml_collections.ConfigDict:
         name="digits", data_dir=None, train_split="train", eval_split="test",
         num_train_examples=None, subset_seed=0, builder_kwargs={}, download=False,
         batch_size=64, eval_batch_size=256, augment=None,  # None: the data set's default
+        # > 0: hold out this fraction of the training examples (after num_train_examples, seeded by
+        # subset_seed, class-stratified) as a validation set that picks the best checkpoint; 0 picks it
+        # on eval_split, as the reference code (RepDistiller) does.
+        val_fraction=0.0,
     ))
     # model.init_from: a work dir whose best student initialises a fresh run (not a resume);
     # "{seed}" in it is replaced by config.seed.
@@ -152,6 +156,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     if d.num_train_examples is not None:
         _require(isinstance(d.num_train_examples, int) and d.num_train_examples >= d.batch_size,
                  "data.num_train_examples", "must be an int >= data.batch_size (or None)", d.num_train_examples)
+    vf = d.get("val_fraction", 0.0)
+    _require(isinstance(vf, (int, float)) and not isinstance(vf, bool) and 0.0 <= vf < 1.0, "data.val_fraction",
+             "must be a number in [0, 1) (0: pick the best checkpoint on data.eval_split)", vf)
     _require(isinstance(t.num_epochs, int) and t.num_epochs > 0, "train.num_epochs", "must be a positive int",
              t.num_epochs)
     _require(isinstance(t.max_inflight_steps, int) and t.max_inflight_steps >= 1, "train.max_inflight_steps",

@@ -160,8 +160,14 @@ def format_table(rows: list[dict], config=None) -> str:
     head = ""
     if config is not None:
         n = config.data.num_train_examples or "all"
+        vf = config.data.get("val_fraction")
+        picked = (f"on a validation set held out from the training examples (data.val_fraction={vf})" if vf
+                  else f"on the {config.data.eval_split} split itself, as the reference code does "
+                       "(set data.val_fraction to pick on a held-out validation set)")
         head = (f"data: {config.data.name} (train examples: {n}), teacher {config.teacher.name}, "
-                f"student {config.model.name}, {config.train.num_epochs} epochs\n\n")
+                f"student {config.model.name}, {config.train.num_epochs} epochs\n"
+                f"best: {config.data.eval_split} accuracy of the epoch picked {picked}; "
+                f"last: {config.data.eval_split} accuracy after the last epoch\n\n")
     lines = ["| run | model | seeds | best acc % (mean ± std) | last acc % (mean ± std) |",
              "|---|---|---|---|---|"]
     for r in rows:

@@ -138,6 +138,23 @@ def test_exact_resume_with_two_optimizers(tmp_path, data_dir):
     ckpt_lib.load_model_variables(a, student.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1))), what="student")
 
 
+def test_joint_teacher_is_picked_on_the_validation_set(tmp_path, data_dir):
+    import json
+    wd = str(tmp_path / "run")
+    summary = train_and_evaluate(_config(**{"data.val_fraction": 0.2, "train.num_epochs": 2}), wd)
+    history = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]
+    t_val = [r["val/teacher_accuracy"] for r in history]
+    best = int(np.argmax(t_val))
+    joint = json.load(open(os.path.join(wd, "joint_teacher", "summary.json")))
+    assert joint["selected_on"] == "val" and joint["best_val_accuracy"] == t_val[best]
+    assert joint["best_epoch"] == history[best]["epoch"]
+    assert joint["best_accuracy"] == history[best]["eval/teacher_accuracy"] == summary["teacher_accuracy"]
+    teacher = models.create_model("cnn", 10, width=8, hidden=32)
+    _, meta = ckpt_lib.load_model_variables(os.path.join(wd, "joint_teacher"),
+                                            teacher.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1))))
+    assert meta["epoch"] == joint["best_epoch"] and meta["val_accuracy"] == t_val[best]
+
+
 @pytest.mark.slow
 def test_pretrained_teacher_from_workdir(tmp_path, data_dir):
     tw = str(tmp_path / "teacher")

@@ -347,6 +347,24 @@ def test_subset_indices_stratified():
         subset_indices(source, 101)
 
 
+def test_hold_out_is_a_seeded_stratified_disjoint_split():
+    from jaxkd.data import hold_out
+    source = _toy_source(100)  # 10 classes x 10, ids 0..99
+    rest, held = hold_out(source, 0.2, seed=3)
+    assert (len(rest), len(held)) == (80, 20)
+    np.testing.assert_array_equal(np.bincount(held.labels, minlength=10), [2] * 10)
+    assert set(rest.ids).isdisjoint(held.ids) and set(rest.ids) | set(held.ids) == set(range(100))
+    # every example keeps its image and label under its id
+    np.testing.assert_array_equal(held.labels, source.labels[held.ids])
+    np.testing.assert_array_equal(rest.images, source.images[rest.ids])
+    np.testing.assert_array_equal(held.ids, hold_out(source, 0.2, seed=3)[1].ids)
+    assert not np.array_equal(held.ids, hold_out(source, 0.2, seed=4)[1].ids)
+    assert len(hold_out(source, 0.126)[1]) == 13  # round(12.6)
+    for bad in (0.001, 0.999):  # nothing held out / nothing left to train on
+        with pytest.raises(ValueError, match="both must be at least 1"):
+            hold_out(source, bad)
+
+
 def test_load_dataset_num_train_examples(digits):
     data_dir, (_, full, _) = digits
     info, train, test = load_dataset("digits", data_dir=data_dir, num_train_examples=100,

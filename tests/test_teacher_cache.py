@@ -118,6 +118,7 @@ def test_kd_from_cache_equals_kd_with_live_teacher(tmp_path, teacher_and_cache):
     ({"teacher.kwargs": {"width": 16}}, "teacher model"),
     ({"data.num_train_examples": 640}, "data.num_train_examples"),
     ({"data.augment": {"pad": 1, "flip": True}}, "data.augment={}"),
+    ({"data.val_fraction": 0.2}, "data.val_fraction: cache None, config 0.2"),
     ({"method": {"name": "at"}}, "only logit methods"),
     ({"method": {"name": "bss"}}, "only logit methods"),
 ])
@@ -155,6 +156,21 @@ def test_refuses_other_teacher_normalisation_and_split(tmp_path, teacher_and_cac
     assert "data.train_split" in str(e.value)
     with pytest.raises(config_lib.ConfigError, match="no manifest.json"):
         train_and_evaluate(small_config(**{"teacher.cache": str(tmp_path)}), str(tmp_path / "d"))
+
+
+def test_cache_with_val_fraction_covers_only_the_examples_trained_on(tmp_path, teacher_and_cache):
+    teacher_wd, _ = teacher_and_cache
+    cfg = small_config(**{"teacher.workdir": teacher_wd, "data.val_fraction": 0.2})
+    cache = str(tmp_path / "cache")
+    cache_lib.build_teacher_cache(cfg, None, cache, batch_size=100)
+    manifest = json.load(open(os.path.join(cache, "manifest.json")))
+    from jaxkd.train.loop import training_sources
+    _, train_src, val_src, _ = training_sources(cfg)
+    assert manifest["data"]["num_examples"] == len(train_src) and manifest["data"]["val_fraction"] == 0.2
+    assert not set(np.asarray(cache_lib.open_teacher_cache(cache).ids)) & set(val_src.ids)
+    summary = train_and_evaluate(small_config(**{"teacher.workdir": teacher_wd, "teacher.cache": cache,
+                                                 "data.val_fraction": 0.2}), str(tmp_path / "run"))
+    assert summary["selected_on"] == "val" and summary["num_val"] == len(val_src)
 
 
 def test_step_refuses_cache_for_feature_recipe():

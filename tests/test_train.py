@@ -107,6 +107,43 @@ def test_bad_config_values():
         config_lib.validate(small_config(**{"data.batch_size": 30}), num_devices=8)
     with pytest.raises(config_lib.ConfigError, match="teacher.workdir"):
         train_and_evaluate(small_config(), "/tmp/jaxkd_never_used")
+    for bad in (1.0, -0.1, "0.1", True):
+        with pytest.raises(config_lib.ConfigError, match="data.val_fraction"):
+            config_lib.validate(small_config(**{"data.val_fraction": bad}))
+
+
+def test_val_fraction_picks_the_best_checkpoint_on_held_out_training_examples(tmp_path, data_dir):
+    from jaxkd import models as models_lib
+    from jaxkd.train import step as step_lib
+    from jaxkd.train.loop import training_sources
+    cfg = teacher_config(small_config(**{"train.num_epochs": 4, "data.val_fraction": 0.25, "optim.lr": 0.02}))
+    info, train_src, val_src, eval_src = training_sources(cfg)
+    n_all = len(training_sources(small_config())[1])
+    assert len(val_src) == round(0.25 * n_all) and len(train_src) + len(val_src) == n_all
+    assert set(train_src.ids).isdisjoint(val_src.ids) and info.num_train == len(train_src)
+
+    wd = str(tmp_path / "run")
+    summary = train_and_evaluate(cfg, wd)
+    history = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]
+    val_acc = [r["val/accuracy"] for r in history]
+    best = int(np.argmax(val_acc))  # first epoch with the highest validation accuracy
+    assert summary["selected_on"] == "val" and summary["num_val"] == len(val_src)
+    assert summary["best_epoch"] == history[best]["epoch"]
+    assert summary["best_val_accuracy"] == val_acc[best]
+    assert summary["best_accuracy"] == history[best]["eval/accuracy"]  # reported on the test split
+    # the best checkpoint is that epoch's student: its accuracy on the held-out examples, computed here
+    model = models_lib.create_model(cfg.model.name, info.num_classes, **dict(cfg.model.kwargs))
+    template = model.init(jax.random.PRNGKey(0), np.zeros((1, *info.input_shape), np.float32))
+    variables, meta = ckpt_lib.load_model_variables(wd, template, "best")
+    assert meta["epoch"] == summary["best_epoch"] and meta["val_accuracy"] == summary["best_val_accuracy"]
+    pipeline = step_lib.InputPipeline(mean=info.mean, std=info.std)
+    batch = val_src.gather(np.arange(len(val_src)))
+    logits = model.apply(variables, pipeline(None, batch["image"], train=False), train=False)[0]
+    correct = np.asarray(logits).argmax(-1) == batch["label"]
+    assert abs(correct.mean() - summary["best_val_accuracy"]) < 1e-9
+    # without val_fraction the eval split picks, as before
+    plain = train_and_evaluate(teacher_config(small_config(**{"train.num_epochs": 1})), str(tmp_path / "plain"))
+    assert plain["selected_on"] == "eval_split" and plain["best_val_accuracy"] is None and plain["num_val"] == 0
 
 
 def test_teacher_beats_baseline_and_kd_runs(tmp_path, trained_teacher, data_dir):

@@ -6,7 +6,7 @@ from jaxkd.data.errors import DatasetNotFoundError
 # The pipeline needs tensorflow-datasets and grain; it is imported on first use so that the
 # on-device augmentation (used inside every train step) works without them.
 _PIPELINE_EXPORTS = ("ArraySource", "DatasetInfo", "EvalBatches", "LazySource", "Source", "TrainIterator",
-                     "default_data_dir", "eval_batches", "load_dataset", "steps_per_epoch",
+                     "default_data_dir", "eval_batches", "hold_out", "load_dataset", "steps_per_epoch",
                      "subset_indices", "train_batches")
 
 
@@ -25,6 +25,6 @@ def __getattr__(name: str):
 __all__ = [
     "ArraySource", "DatasetInfo", "DatasetNotFoundError", "EvalBatches", "LazySource", "Source",
     "TrainIterator", "augment", "default_augmentation", "default_data_dir", "eval_batches",
-    "load_dataset", "normalize", "random_crop_flip", "steps_per_epoch", "subset_indices",
+    "hold_out", "load_dataset", "normalize", "random_crop_flip", "steps_per_epoch", "subset_indices",
     "train_batches",
 ]

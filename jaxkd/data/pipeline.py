@@ -491,6 +491,23 @@ def subset_indices(source: Source, num_examples: int, *, seed: int = 0) -> np.nd
     return np.sort(np.concatenate(chosen)).astype(np.int64)
 
 
+def hold_out(source: Source, fraction: float, *, seed: int = 0) -> tuple[Source, Source]:
+    """``(rest, held_out)``: a seeded ``fraction`` of ``source`` set aside, e.g. as a validation set.
+
+    The held-out examples are chosen like :func:`subset_indices` (class-stratified when the
+    labels are in memory), ``round(fraction * len(source))`` of them; ids are unchanged, so the
+    two parts never share an example. Raises ``ValueError`` if either part would be empty.
+    """
+    n = len(source)
+    k = int(round(fraction * n))
+    if not 0 < k < n:
+        raise ValueError(f"holding out a fraction {fraction} of {n} examples leaves "
+                         f"{k} held out and {n - k} to train on; both must be at least 1")
+    held = subset_indices(source, k, seed=seed)
+    rest = np.setdiff1d(np.arange(n, dtype=np.int64), held, assume_unique=True)
+    return source.subset(rest), source.subset(held)
+
+
 # --------------------------------------------------------------------------------------------
 # Batching
 # --------------------------------------------------------------------------------------------

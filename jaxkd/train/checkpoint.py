@@ -171,7 +171,8 @@ def load_model_variables(workdir: str, template_variables: dict, which: str = "b
                          what: str = "teacher") -> tuple[dict, dict]:
     """Loads ``{"params": ..., **model_state}`` of the student trained in ``workdir``.
 
-    ``which`` is ``"best"`` (best eval accuracy) or ``"last"`` (latest run checkpoint).
+    ``which`` is ``"best"`` (the checkpoint the run picked: best validation accuracy with
+    ``data.val_fraction``, else best eval-split accuracy) or ``"last"`` (latest run checkpoint).
     The loaded tree is checked against ``template_variables`` (from the model's init); a
     mismatch raises :class:`CheckpointError` naming the first differing path.
     Returns ``(variables, meta)``.

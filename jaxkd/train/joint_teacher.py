@@ -46,24 +46,33 @@ class JointTeacherEval:
     """Evaluates the joint teacher at eval epochs and keeps its best checkpoint."""
 
     def __init__(self, workdir: str, teacher, pipeline, mesh, evaluate: Callable, eval_src, batch_size: int,
-                 cfg_dict: dict):
+                 cfg_dict: dict, val_src=None):
         self.dir = os.path.join(workdir, SUBDIR)
         self.teacher, self.mesh, self.evaluate = teacher, mesh, evaluate
         self.eval_src, self.batch_size, self.cfg_dict = eval_src, batch_size, cfg_dict
+        self.val_src = val_src  # when set, it picks the best teacher (as for the student)
         self.eval_step = step_lib.make_eval_step(teacher, pipeline, mesh=mesh)
         self.best_mgr = ckpt_lib.best_manager(self.dir)
 
     def __call__(self, state, step: int, epoch: int, meta: dict, save: bool = True) -> dict:
         variables = teacher_variables(state)
         ev = self.evaluate(self.eval_step, variables, self.eval_src, self.batch_size, self.mesh)
-        best = meta.get("joint_teacher_best_accuracy")
-        if save and (best is None or ev["accuracy"] > best):
+        out = {"eval/teacher_accuracy": ev["accuracy"], "eval/teacher_loss": ev["loss"]}
+        selection, best_key = ev["accuracy"], "joint_teacher_best_accuracy"
+        if self.val_src is not None:
+            ev_val = self.evaluate(self.eval_step, variables, self.val_src, self.batch_size, self.mesh)
+            out.update({"val/teacher_accuracy": ev_val["accuracy"], "val/teacher_loss": ev_val["loss"]})
+            selection, best_key = ev_val["accuracy"], "joint_teacher_best_val_accuracy"
+        best = meta.get(best_key)
+        if save and (best is None or selection > best):
             meta["joint_teacher_best_accuracy"], meta["joint_teacher_best_epoch"] = ev["accuracy"], epoch
+            best_meta = {"epoch": epoch, "accuracy": ev["accuracy"], "config": self.cfg_dict}
+            if self.val_src is not None:
+                meta[best_key] = best_meta["val_accuracy"] = selection
             model = {"params": variables["params"], "model_state": {k: v for k, v in variables.items()
                                                                     if k != "params"}}
-            ckpt_lib.save_best(self.best_mgr, step, model, {"epoch": epoch, "accuracy": ev["accuracy"],
-                                                            "config": self.cfg_dict}, ev["accuracy"])
-        return {"eval/teacher_accuracy": ev["accuracy"], "eval/teacher_loss": ev["loss"]}
+            ckpt_lib.save_best(self.best_mgr, step, model, best_meta, selection)
+        return out
 
     def finish(self, meta: dict, last_accuracy: float | None) -> None:
         self.best_mgr.wait_until_finished()
@@ -73,7 +82,9 @@ class JointTeacherEval:
         summary = {"method": "joint teacher of " + str(self.cfg_dict.get("method", {}).get("name")),
                    "model": teacher_cfg.get("name"), "model_kwargs": teacher_cfg.get("kwargs"),
                    "best_accuracy": meta.get("joint_teacher_best_accuracy"),
-                   "best_epoch": meta.get("joint_teacher_best_epoch"), "last_accuracy": last_accuracy}
+                   "best_epoch": meta.get("joint_teacher_best_epoch"), "last_accuracy": last_accuracy,
+                   "selected_on": "val" if self.val_src is not None else "eval_split",
+                   "best_val_accuracy": meta.get("joint_teacher_best_val_accuracy")}
         os.makedirs(self.dir, exist_ok=True)
         with open(os.path.join(self.dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)

@@ -285,13 +285,29 @@ def _stage_of_checkpoint(stages: list[Stage], step: int) -> int:
     return 0
 
 
-def _train(config, workdir, mesh, allow_config_change, stop_after_steps):
-    cfg_dict = json.loads(json.dumps(config.to_dict()))  # as stored in checkpoints (tuples -> lists)
+def training_sources(config):
+    """``(info, train, val, eval)`` for a run: ``config.data``'s splits, the training split cut to
+    ``num_train_examples`` and then, when ``val_fraction`` > 0, split into train and a held-out
+    validation set (``val`` is ``None`` otherwise). ``info.num_train`` counts what is trained on."""
     d = config.data
     info, train_src, eval_src = data_lib.load_dataset(
         d.name, data_dir=d.data_dir, train_split=d.train_split, eval_split=d.eval_split,
         num_train_examples=d.num_train_examples, subset_seed=d.subset_seed,
         builder_kwargs=dict(d.builder_kwargs), download=d.download)
+    val_src = None
+    if d.get("val_fraction"):
+        try:
+            train_src, val_src = data_lib.hold_out(train_src, d.val_fraction, seed=d.subset_seed)
+        except ValueError as e:
+            raise config_lib.ConfigError(f"config.data.val_fraction={d.val_fraction}: {e}") from None
+        info = dataclasses.replace(info, num_train=len(train_src))
+    return info, train_src, val_src, eval_src
+
+
+def _train(config, workdir, mesh, allow_config_change, stop_after_steps):
+    cfg_dict = json.loads(json.dumps(config.to_dict()))  # as stored in checkpoints (tuples -> lists)
+    d = config.data
+    info, train_src, val_src, eval_src = training_sources(config)
     aug = dict(data_lib.default_augmentation(info.name)) if d.augment is None else dict(d.augment)
     pipeline = step_lib.InputPipeline(mean=tuple(info.mean), std=tuple(info.std), pad=int(aug.get("pad", 0)),
                                       flip=bool(aug.get("flip", False)))
@@ -374,11 +390,12 @@ def _train(config, workdir, mesh, allow_config_change, stop_after_steps):
         teacher_meta = {"accuracy": meta.get("joint_teacher_best_accuracy")}
     if start_step >= total_steps:
         logger.close()
-        return _summary(meta, config, teacher_meta, total_steps)
+        return _summary(meta, config, teacher_meta, total_steps, val_src)
 
     eval_step = step_lib.make_eval_step(student, pipeline, mesh=mesh)
     joint_eval = (joint_lib.JointTeacherEval(workdir, teacher, pipeline, mesh, evaluate, eval_src,
-                                             d.eval_batch_size, cfg_dict) if trains_teacher else None)
+                                             d.eval_batch_size, cfg_dict, val_src=val_src)
+                  if trains_teacher else None)
     progress = _progress(config, steps_per_epoch * d.batch_size)
     inflight: collections.deque = collections.deque()
     epoch_sums = collections.defaultdict(float, meta.get("epoch_sums", {}))
@@ -473,20 +490,30 @@ def _train(config, workdir, mesh, allow_config_change, stop_after_steps):
                     if do_eval:
                         ev = evaluate(eval_step, state.student_variables(), eval_src, d.eval_batch_size, mesh)
                         record.update({"eval/accuracy": ev["accuracy"], "eval/loss": ev["loss"]})
+                        selection = ev["accuracy"]  # what picks the best checkpoint
+                        if val_src is not None:
+                            ev_val = evaluate(eval_step, state.student_variables(), val_src, d.eval_batch_size,
+                                              mesh)
+                            record.update({"val/accuracy": ev_val["accuracy"], "val/loss": ev_val["loss"]})
+                            selection = ev_val["accuracy"]
                         if joint_eval is not None:
                             record.update(joint_eval(state, step, epoch, meta))
                     record["time_s"] = meta["train_time_s"] + time.perf_counter() - t_start
                     logger.write(record)
                     meta["history"].append(record)
-                    # best-by-accuracy among the epochs of the final stage (earlier stages may
-                    # train only part of the student, e.g. FitNets' hint stage)
-                    if do_eval and final_stage and (meta["best_accuracy"] is None
-                                                    or ev["accuracy"] > meta["best_accuracy"]):
+                    # best among the epochs of the final stage (earlier stages may train only part
+                    # of the student, e.g. FitNets' hint stage), by validation accuracy when there is
+                    # a validation set, else by eval-split accuracy; best_accuracy is always the
+                    # eval split's accuracy at that epoch
+                    best_key = "best_val_accuracy" if val_src is not None else "best_accuracy"
+                    if do_eval and final_stage and (meta.get(best_key) is None or selection > meta[best_key]):
                         meta["best_accuracy"], meta["best_epoch"] = ev["accuracy"], epoch
+                        best_meta = {"epoch": epoch, "accuracy": ev["accuracy"], "config": cfg_dict}
+                        if val_src is not None:
+                            meta["best_val_accuracy"] = best_meta["val_accuracy"] = selection
                         ckpt_lib.save_best(best_mgr, step, {"params": state.params["student"],
                                                             "model_state": state.model_state["student"]},
-                                           {"epoch": epoch, "accuracy": ev["accuracy"], "config": cfg_dict},
-                                           ev["accuracy"])
+                                           best_meta, selection)
                     if progress is not None:
                         progress.write(_format_record(record))
                         if step < total_steps:
@@ -512,7 +539,7 @@ def _train(config, workdir, mesh, allow_config_change, stop_after_steps):
     if joint_eval is not None:
         joint_eval.finish(meta, meta["history"][-1].get("eval/teacher_accuracy") if meta["history"] else None)
         teacher_meta = {"accuracy": meta.get("joint_teacher_best_accuracy")}
-    summary = _summary(meta, config, teacher_meta, step)
+    summary = _summary(meta, config, teacher_meta, step, val_src)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
@@ -535,13 +562,17 @@ def _fault_point(name: str, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _summary(meta: dict, config, teacher_meta, step: int) -> dict:
+def _summary(meta: dict, config, teacher_meta, step: int, val_src=None) -> dict:
     evals = [r for r in meta["history"] if "eval/accuracy" in r]
     last = evals[-1] if evals else {}
     return {
         "method": config.method.name, "model": config.model.name, "dataset": config.data.name,
         "seed": config.seed, "steps": step, "epochs": (meta["history"][-1]["epoch"] if meta["history"] else 0),
+        # best_accuracy: eval-split accuracy of the checkpoint picked on `selected_on`
         "best_accuracy": meta["best_accuracy"], "best_epoch": meta["best_epoch"],
+        "selected_on": "val" if config.data.get("val_fraction") else "eval_split",
+        "best_val_accuracy": meta.get("best_val_accuracy"),
+        "num_val": len(val_src) if val_src is not None else 0,
         "last_accuracy": last.get("eval/accuracy"),
         "teacher_accuracy": (teacher_meta or {}).get("accuracy"),
         "train_time_s": meta["train_time_s"],
@@ -552,7 +583,7 @@ def _summary(meta: dict, config, teacher_meta, step: int) -> dict:
 
 def _format_record(r: dict) -> str:
     parts = [f"epoch {r['epoch']:>3}"]
-    for k in ("train/loss", "train/accuracy", "eval/loss", "eval/accuracy"):
+    for k in ("train/loss", "train/accuracy", "eval/loss", "eval/accuracy", "val/accuracy"):
         if k in r:
             parts.append(f"{k} {r[k]:.4f}")
     return "  ".join(parts)

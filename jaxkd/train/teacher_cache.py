@@ -100,9 +100,12 @@ def checkpoint_identity(workdir: str, which: str = "best") -> dict:
 def data_identity(config) -> dict:
     """The config values that decide which examples (and ids) the training split holds."""
     d = config.data
-    return {"name": d.name, "train_split": d.train_split, "num_train_examples": d.num_train_examples,
-            "subset_seed": d.subset_seed if d.num_train_examples is not None else None,
-            "builder_kwargs": json.loads(json.dumps(dict(d.builder_kwargs)))}
+    out = {"name": d.name, "train_split": d.train_split, "num_train_examples": d.num_train_examples,
+           "subset_seed": d.subset_seed if d.num_train_examples is not None or d.get("val_fraction") else None,
+           "builder_kwargs": json.loads(json.dumps(dict(d.builder_kwargs)))}
+    if d.get("val_fraction"):  # only when set, so that caches made before the option still match
+        out["val_fraction"] = float(d.val_fraction)
+    return out
 
 
 def resolved_augmentation(config, dataset_name: str) -> dict:
@@ -136,17 +139,14 @@ def build_teacher_cache(config, teacher_workdir: str | None, out_path: str, *, b
     if config.get("teachers") is not None:
         raise config_lib.ConfigError("config.teachers is set; a teacher cache holds one teacher's logits")
     teacher_workdir = os.path.abspath(teacher_workdir)
+    from jaxkd.train.loop import load_teacher, training_sources
     d = config.data
-    info, train_src, _ = data_lib.load_dataset(
-        d.name, data_dir=d.data_dir, train_split=d.train_split, eval_split=d.eval_split,
-        num_train_examples=d.num_train_examples, subset_seed=d.subset_seed,
-        builder_kwargs=dict(d.builder_kwargs), download=d.download)
+    info, train_src, _, _ = training_sources(config)  # the examples the student trains on
     teacher = models_lib.create_model(config.teacher.name, info.num_classes, **dict(config.teacher.kwargs))
     sample = jnp.zeros((1, *info.input_shape), jnp.float32)
     identity = checkpoint_identity(teacher_workdir, config.teacher.checkpoint)
     # loaded as the training loop loads it (e.g. stored in bfloat16 for teacher.kwargs.dtype=bfloat16),
     # so the cached logits are the ones the live teacher would give
-    from jaxkd.train.loop import load_teacher
     with_workdir = ml_collections.ConfigDict(config.to_dict())
     with_workdir.teacher.workdir = teacher_workdir
     variables, meta = load_teacher(with_workdir, teacher, sample)
