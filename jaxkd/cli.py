@@ -64,6 +64,10 @@ def _parser() -> argparse.ArgumentParser:
                                               "example id, into --workdir (use with teacher.cache=WORKDIR)")
     common(ct)
     ct.add_argument("--batch-size", type=int, default=None, help="default: config.data.eval_batch_size")
+    ct.add_argument("--views", type=int, default=None,
+                    help="augmented views stored per example (needed when the config augments, e.g. CIFAR's "
+                         "default pad 4 + flip); each epoch the student trains on one of them")
+    ct.add_argument("--view-seed", type=int, default=0, help="seed of the views' crops and flips")
     ct.add_argument("--no-progress", action="store_true")
     return p
 
@@ -114,7 +118,8 @@ def run(argv: list[str] | None = None) -> int:
     elif args.command == "cache-teacher":
         from jaxkd.train.teacher_cache import build_teacher_cache
         manifest = build_teacher_cache(config, None, args.workdir, batch_size=args.batch_size,
-                                       progress=not args.no_progress)
+                                       progress=not args.no_progress, num_views=args.views,
+                                       view_seed=args.view_seed)
         print(json.dumps({"cache": os.path.abspath(args.workdir), "logits_shape": manifest["logits"]["shape"],
                           "teacher_step": manifest["teacher"]["step"]}, indent=2))
     return 0

@@ -117,7 +117,7 @@ def test_kd_from_cache_equals_kd_with_live_teacher(tmp_path, teacher_and_cache):
 @pytest.mark.parametrize("over, expected", [
     ({"teacher.kwargs": {"width": 16}}, "teacher model"),
     ({"data.num_train_examples": 640}, "data.num_train_examples"),
-    ({"data.augment": {"pad": 1, "flip": True}}, "data.augment={}"),
+    ({"data.augment": {"pad": 1, "flip": True}}, "cache-teacher --views K"),
     ({"data.val_fraction": 0.2}, "data.val_fraction: cache None, config 0.2"),
     ({"method": {"name": "at"}}, "only logit methods"),
     ({"method": {"name": "bss"}}, "only logit methods"),
@@ -173,6 +173,128 @@ def test_cache_with_val_fraction_covers_only_the_examples_trained_on(tmp_path, t
     assert summary["selected_on"] == "val" and summary["num_val"] == len(val_src)
 
 
+def _np_crop_flip(images, offsets, flips, pad):
+    """numpy reference: zero-pad, crop at (row, col), mirror the columns where flips."""
+    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    h, w = images.shape[1:3]
+    out = np.stack([padded[i, r:r + h, c:c + w] for i, (r, c) in enumerate(offsets)])
+    return np.where(np.asarray(flips)[:, None, None, None], out[:, :, ::-1], out)
+
+
+def test_view_params_and_choice_are_seeded_uniform_and_in_range():
+    ids = np.arange(6000)
+    off, flip = cache_lib.view_params(ids, 2, seed=7, pad=2, flip=True)
+    assert off.shape == (6000, 2) and off.dtype == np.int32 and off.min() == 0 and off.max() == 4
+    for axis in range(2):  # each of the 5 offsets ~1/5 of the time (binomial sd ~0.005)
+        np.testing.assert_allclose(np.bincount(off[:, axis], minlength=5) / 6000, 0.2, atol=0.025)
+    assert abs(flip.mean() - 0.5) < 0.03 and abs(np.corrcoef(off[:, 0], off[:, 1])[0, 1]) < 0.05
+    again, flip_again = cache_lib.view_params(ids[::-1], 2, seed=7, pad=2, flip=True)
+    np.testing.assert_array_equal(again[::-1], off)  # a function of (seed, id, view) only
+    np.testing.assert_array_equal(flip_again[::-1], flip)
+    other, _ = cache_lib.view_params(ids, 3, seed=7, pad=2, flip=True)
+    assert (other != off).any(axis=1).mean() > 0.9  # another view is another crop (1 - 1/25 expected)
+    assert not cache_lib.view_params(ids, 2, seed=7, pad=2, flip=False)[1].any()
+    views = cache_lib.choose_views(ids, 0, 4, seed=7)
+    np.testing.assert_allclose(np.bincount(views, minlength=4) / 6000, 0.25, atol=0.03)
+    np.testing.assert_array_equal(views, cache_lib.choose_views(ids, 0, 4, seed=7))
+    assert (views != cache_lib.choose_views(ids, 1, 4, seed=7)).mean() > 0.6  # expected 0.75
+    assert not cache_lib.choose_views(ids, 5, 1, seed=7).any()
+
+
+@pytest.fixture(scope="module")
+def view_cache(tmp_path_factory, teacher_and_cache):
+    """3 augmented views (pad 1 + flip) of every digits training example."""
+    teacher_wd, _ = teacher_and_cache
+    out = str(tmp_path_factory.mktemp("view_cache"))
+    cfg = small_config(**{"teacher.workdir": teacher_wd, "data.augment": {"pad": 1, "flip": True}})
+    cache_lib.build_teacher_cache(cfg, None, out, batch_size=128, num_views=3, view_seed=11)
+    return out
+
+
+def test_view_cache_holds_the_teacher_on_each_stored_crop(teacher_and_cache, view_cache):
+    teacher_wd, _ = teacher_and_cache
+    train_src, forward, _ = _teacher_forward(small_config(), teacher_wd)
+    cache = cache_lib.open_teacher_cache(view_cache)
+    m = cache.manifest
+    assert m["augmentation"] == {"pad": 1, "flip": True} and m["num_views"] == 3 and m["view_seed"] == 11
+    assert cache.logits.shape == (len(train_src), 3, 10)
+    batch = train_src.gather(np.arange(0, len(train_src), 7))
+    for view in range(3):
+        off, flip = cache_lib.view_params(batch["id"], view, seed=11, pad=1, flip=True)
+        expected = np.asarray(forward(_np_crop_flip(batch["image"], off, flip, 1)))
+        np.testing.assert_allclose(cache.lookup(batch["id"], view), expected, rtol=1e-5, atol=1e-5)
+    # the views differ, so the student gets different targets for different crops
+    assert np.abs(cache.logits[:, 0] - cache.logits[:, 1]).max() > 1e-2
+    # what the loop adds to a batch: logits of the view whose crop it also passes to the step
+    batches = data_lib.train_batches(train_src, 64, seed=3)
+    steps_per_epoch = data_lib.steps_per_epoch(len(train_src), 64)
+    for step in range(2 * steps_per_epoch + 4):
+        b = next(batches)
+        if step not in (0, 1, steps_per_epoch, 2 * steps_per_epoch + 3):
+            continue
+        extra = cache.batch_views(b["id"], step // steps_per_epoch)
+        image = _np_crop_flip(b["image"], extra["aug_offsets"], extra["aug_flips"], 1)
+        np.testing.assert_allclose(extra["teacher_logits"], np.asarray(forward(image)), rtol=1e-5, atol=1e-5)
+
+
+def test_step_with_stored_view_equals_live_teacher_on_the_same_crop(teacher_and_cache, view_cache):
+    """One KD step from the cache (logits + the view's crop) equals one with the live teacher
+    fed the same crop: the student saw the image the teacher's logits belong to."""
+    import optax
+    teacher_wd, _ = teacher_and_cache
+    cfg = small_config()
+    info, train_src, _ = data_lib.load_dataset("digits")
+    student = models_lib.create_model("cnn", 10, width=4)
+    teacher = models_lib.create_model("cnn", 10, width=8)
+    sample = jnp.zeros((1, *info.input_shape))
+    t_vars, _ = ckpt_lib.load_model_variables(teacher_wd, teacher.init(jax.random.PRNGKey(0), sample))
+    pipeline = step_lib.InputPipeline(mean=info.mean, std=info.std, pad=1, flip=True)
+    recipe = recipes_lib.hinton_kd_recipe(4.0, 0.9, 0.1)
+    tx = optax.sgd(0.1, momentum=0.9)
+    state = step_lib.create_train_state(jax.random.PRNGKey(0), student, recipe, tx, sample)
+    cache = cache_lib.open_teacher_cache(view_cache)
+    b = train_src.gather(np.arange(64) * 3)
+    extra = cache.batch_views(b["id"], epoch=2)
+    base = {"image": jnp.asarray(b["image"]), "label": jnp.asarray(b["label"]),
+            "aug_offsets": jnp.asarray(extra["aug_offsets"]), "aug_flips": jnp.asarray(extra["aug_flips"])}
+    live = step_lib.make_train_step(student, recipe, tx, pipeline, teacher=teacher, donate=False)
+    cached = step_lib.make_train_step(student, recipe, tx, pipeline, cached_teacher=True, donate=False)
+    s_live, m_live = live(state, t_vars, base)
+    s_cached, m_cached = cached(state, None, {**base, "teacher_logits": jnp.asarray(extra["teacher_logits"])})
+    jax.tree.map(lambda a, c: np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-6), s_live.params, s_cached.params)
+    assert float(m_live["loss"]) == pytest.approx(float(m_cached["loss"]), rel=1e-5)
+    # and the crop matters: a random crop instead gives another update
+    s_rand, _ = live(state, t_vars, {"image": base["image"], "label": base["label"]})
+    assert not np.allclose(np.asarray(jax.tree.leaves(s_rand.params)[0]), np.asarray(jax.tree.leaves(s_live.params)[0]))
+
+
+def test_kd_from_view_cache_trains_and_resumes_exactly(tmp_path, teacher_and_cache, view_cache):
+    teacher_wd, _ = teacher_and_cache
+    over = {"teacher.workdir": teacher_wd, "teacher.cache": view_cache, "data.augment": {"pad": 1, "flip": True},
+            "train.num_epochs": 2, "train.checkpoint_every_steps": 5}
+    full = train_and_evaluate(small_config(**over), str(tmp_path / "full"))
+    train_and_evaluate(small_config(**over), str(tmp_path / "resumed"), stop_after_steps=30)
+    resumed = train_and_evaluate(small_config(**over), str(tmp_path / "resumed"))
+    jax.tree.map(np.testing.assert_array_equal, _run_params(str(tmp_path / "full")),
+                 _run_params(str(tmp_path / "resumed")))
+    assert full["last_accuracy"] == resumed["last_accuracy"] > 0.3  # it learns (chance 0.1; flipped digits)
+    # a run with other augmentation is refused, naming both
+    with pytest.raises(config_lib.ConfigError, match="cache views .'pad': 1, 'flip': True., run .'pad': 2"):
+        train_and_evaluate(small_config(**{**over, "data.augment": {"pad": 2, "flip": True}}), str(tmp_path / "x"))
+
+
+def test_view_cache_build_errors(teacher_and_cache, tmp_path):
+    teacher_wd, _ = teacher_and_cache
+    aug = small_config(**{"teacher.workdir": teacher_wd, "data.augment": {"pad": 1, "flip": False}})
+    with pytest.raises(config_lib.ConfigError, match="cache-teacher --views K"):
+        cache_lib.build_teacher_cache(aug, None, str(tmp_path / "a"))
+    with pytest.raises(config_lib.ConfigError, match="needs augmentation"):
+        cache_lib.build_teacher_cache(small_config(**{"teacher.workdir": teacher_wd}), None, str(tmp_path / "b"),
+                                      num_views=2)
+    with pytest.raises(config_lib.ConfigError, match="positive int"):
+        cache_lib.build_teacher_cache(aug, None, str(tmp_path / "c"), num_views=0)
+
+
 def test_step_refuses_cache_for_feature_recipe():
     student = models_lib.create_model("cnn", 10, width=4)
     import optax
@@ -194,3 +316,10 @@ def test_cli_cache_teacher(tmp_path, teacher_and_cache, capsys):
     a, b = cache_lib.open_teacher_cache(out), cache_lib.open_teacher_cache(cache)
     np.testing.assert_array_equal(a.ids, b.ids)
     np.testing.assert_allclose(a.logits, b.logits, rtol=1e-5, atol=1e-5)  # another batch size
+    views = str(tmp_path / "cli_views")
+    cli.run(["cache-teacher", "--config", os.path.join(ROOT, "experiments/configs/digits.py"), "--workdir", views,
+             "--no-progress", "--views", "2", "--view-seed", "5", "teacher.kwargs={'width': 8}",
+             "data.augment={'pad': 1, 'flip': False}", f"teacher.workdir={teacher_wd}"])
+    assert json.loads(capsys.readouterr().out)["logits_shape"][1:] == [2, 10]
+    m = cache_lib.open_teacher_cache(views).manifest
+    assert m["view_seed"] == 5 and m["augmentation"] == {"pad": 1, "flip": False}

@@ -40,8 +40,22 @@ def random_crop_flip(rng: jax.Array, images: jax.Array, *, pad: int, flip: bool)
         raise ValueError(f"pad must be >= 0, got {pad}")
     if pad == 0 and not flip:
         return images
+    offsets, flips = crop_flip_params(rng, images.shape[0], pad=pad, flip=flip)
+    return apply_crop_flip(images, offsets, flips, pad=pad, flip=flip)
+
+
+def apply_crop_flip(images: jax.Array, offsets: jax.Array, flips: jax.Array, *, pad: int,
+                    flip: bool) -> jax.Array:
+    """The crop and flip of :func:`random_crop_flip` with given choices instead of random ones.
+
+    ``offsets`` int (B, 2): top-left (row, col) of each crop in the image zero-padded by ``pad``
+    (each in ``[0, 2 * pad]``); ``flips`` bool (B,): mirror horizontally after the crop (only
+    used when ``flip``). Used for stored augmented views (the teacher cache's), so that the
+    student sees exactly the view the teacher's logits were computed on.
+    """
+    if images.ndim != 4:
+        raise ValueError(f"apply_crop_flip expects (B, H, W, C) images, got shape {images.shape}")
     b, h, w, c = images.shape
-    offsets, flips = crop_flip_params(rng, b, pad=pad, flip=flip)
     if pad:
         padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
 
@@ -49,9 +63,9 @@ def random_crop_flip(rng: jax.Array, images: jax.Array, *, pad: int, flip: bool)
             zero = jnp.zeros((), offset.dtype)
             return jax.lax.dynamic_slice(image, (offset[0], offset[1], zero), (h, w, c))
 
-        images = jax.vmap(crop)(padded, offsets)
+        images = jax.vmap(crop)(padded, jnp.asarray(offsets, jnp.int32))
     if flip:
-        images = jnp.where(flips[:, None, None, None], images[:, :, ::-1, :], images)
+        images = jnp.where(jnp.asarray(flips, bool)[:, None, None, None], images[:, :, ::-1, :], images)
     return images
 
 

@@ -463,8 +463,8 @@ def _train(config, workdir, mesh, allow_config_change, stop_after_steps):
                 batch = next(train_iter)
                 _check_labels(batch["label"], info.num_classes, d.name)
                 host = {"image": batch["image"], "label": batch["label"]}
-                if logits_cache is not None:
-                    host["teacher_logits"] = logits_cache.lookup(batch["id"])
+                if logits_cache is not None:  # this epoch's stored view of each example, and its logits
+                    host.update(logits_cache.batch_views(batch["id"], step // steps_per_epoch))
                 batch = step_lib.shard_batch(host, mesh)
                 state, metrics = train_step(state, teacher_vars, batch)
                 step += 1

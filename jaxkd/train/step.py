@@ -52,11 +52,16 @@ class InputPipeline:
     pad: int = 0
     flip: bool = False
 
-    def __call__(self, rng, images, train: bool):
+    def __call__(self, rng, images, train: bool, crop_flip=None):
+        """``crop_flip``: optional ``(offsets (B, 2), flips (B,))`` to use instead of random
+        choices drawn from ``rng`` (a stored view, see :mod:`jaxkd.train.teacher_cache`)."""
         from jaxkd.data import augment
 
         if train and (self.pad or self.flip):
-            images = augment.random_crop_flip(rng, images, pad=self.pad, flip=self.flip)
+            if crop_flip is not None:
+                images = augment.apply_crop_flip(images, *crop_flip, pad=self.pad, flip=self.flip)
+            else:
+                images = augment.random_crop_flip(rng, images, pad=self.pad, flip=self.flip)
         return augment.normalize(images, self.mean, self.std)
 
 
@@ -211,7 +216,9 @@ def make_train_step(student: ModelFns, recipe: Recipe, tx: optax.GradientTransfo
     def step(state: TrainState, teacher_variables, batch):
         rng = jax.random.fold_in(state.rng, state.step)
         aug_rng, dropout_rng, loss_rng = jax.random.split(rng, 3)
-        x = pipeline(aug_rng, batch["image"], train=True)
+        # a batch may carry its augmentation (a cached teacher's stored views); else it is random
+        given_view = (batch["aug_offsets"], batch["aug_flips"]) if "aug_offsets" in batch else None
+        x = pipeline(aug_rng, batch["image"], train=True, crop_flip=given_view)
         labels = batch["label"]
         stage_step = state.step - stage_start
         epoch = stage_step // steps_per_epoch if steps_per_epoch else jnp.zeros((), jnp.int32)

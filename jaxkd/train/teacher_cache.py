@@ -8,18 +8,27 @@ the un-augmented image, normalised with the data set's mean/std. It writes a fol
     OUT/ids.npy         int64 [N], sorted ascending (the ``id`` of ``train_batches``)
     OUT/manifest.json   what the cache was made from (see :func:`build_teacher_cache`)
 
-``V`` (views per example) is 1: only the un-augmented view is stored, so a cache serves
-only runs without random augmentation (``data.augment={}``; the default for everything but
-CIFAR). Training reads it with ``teacher.cache=OUT``: the loop looks up each batch's rows by
-``batch["id"]`` on the host (:meth:`TeacherCache.lookup`) and the step uses them as
-``teacher_logits`` instead of running the teacher, which is then never loaded.
+``V`` is the number of views per example. Without augmentation (``data.augment={}``, the
+default for everything but CIFAR) there is one view, the un-augmented image. For a run that
+augments (random crop with padding, flip), ``num_views=K`` stores K augmented views of every
+example: view ``v`` of example ``id`` is a fixed crop offset and flip drawn from a counter-based
+hash of ``(view_seed, id, v)`` (:func:`view_params`), so the teacher's logits for it can be
+looked up later without storing the crop. Training reads the cache with ``teacher.cache=OUT``:
+for each batch the loop picks, per example and epoch, one of its K views (:func:`choose_views`,
+a hash of ``(view_seed, id, epoch)``: deterministic, so a resumed run sees the same views),
+looks up those rows by ``batch["id"]`` on the host (:meth:`TeacherCache.lookup`) and passes the
+view's crop offset and flip with the batch (``aug_offsets``, ``aug_flips``). The step then
+augments the student's input with exactly that crop and flip instead of random ones, and uses
+the rows as ``teacher_logits``; the teacher is never loaded. Over E epochs an example is seen in
+at most K different crops instead of E random ones: this is the trade the cache makes (the
+same one as FKD-style stored soft labels), and K sets it.
 
 Why keyed by id: the old peterliht/knowledge-distillation-pytorch cache was a list indexed
 by batch number, so once batches were shuffled (or augmented) each batch met another
 batch's outputs. Here the row is found from the example's own id, whatever the order, and
 the cache refuses (:class:`~jaxkd.config.ConfigError` naming the difference) to serve a
-different teacher checkpoint or model, data set, split, subset, normalisation, or a run
-with random augmentation.
+different teacher checkpoint or model, data set, split, subset, normalisation, or
+augmentation (a run that augments needs a cache of augmented views with the same pad/flip).
 
 Format: plain ``.npy`` + JSON rather than array_record/tfds. The logits are one dense
 float array; a batch lookup is one vectorised fancy index into a memory-mapped ``.npy``
@@ -51,6 +60,45 @@ from jaxkd.train import step as step_lib
 
 CACHE_FORMAT = 1
 MANIFEST, LOGITS, IDS = "manifest.json", "logits.npy", "ids.npy"
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on uint64 arrays (wrapping arithmetic): a counter-based hash."""
+    x = np.asarray(x, np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def _hash3(a: int, b, c) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        h = _mix64(np.uint64(a & 0xFFFFFFFFFFFFFFFF))
+        h = _mix64(h ^ np.asarray(b, np.int64).astype(np.uint64))
+        return _mix64(h ^ np.asarray(c, np.int64).astype(np.uint64))
+
+
+def view_params(ids, views, *, seed: int, pad: int, flip: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The crop and flip of stored view ``views[i]`` of example ``ids[i]``.
+
+    Returns ``(offsets int32 (B, 2), flips bool (B,))`` in the convention of
+    :func:`jaxkd.data.augment.apply_crop_flip`: each offset in ``[0, 2 * pad]``, uniform; each
+    flip a fair coin when ``flip`` (else False). A pure function of ``(seed, id, view)``.
+    """
+    ids = np.asarray(ids, np.int64).reshape(-1)
+    h = _hash3(seed, ids, np.broadcast_to(np.asarray(views, np.int64), ids.shape))
+    span = np.uint64(2 * pad + 1)
+    offsets = np.stack([h % span, (h >> np.uint64(21)) % span], axis=-1).astype(np.int32)
+    flips = ((h >> np.uint64(42)) & np.uint64(1)).astype(bool) if flip else np.zeros(ids.shape, bool)
+    return offsets, flips
+
+
+def choose_views(ids, epoch: int, num_views: int, *, seed: int) -> np.ndarray:
+    """Which of its ``num_views`` stored views example ``ids[i]`` is trained on in ``epoch``."""
+    ids = np.asarray(ids, np.int64).reshape(-1)
+    if num_views == 1:
+        return np.zeros(ids.shape, np.int64)
+    # a different stream from view_params' (seed ^ constant), so view choice and crop are unrelated
+    return (_hash3(seed ^ 0x5EED5EED, ids, epoch) % np.uint64(num_views)).astype(np.int64)
 
 
 # --------------------------------------------------------------------------------------------
@@ -119,7 +167,7 @@ def resolved_augmentation(config, dataset_name: str) -> dict:
 
 
 def build_teacher_cache(config, teacher_workdir: str | None, out_path: str, *, batch_size: int | None = None,
-                        progress: bool = False) -> dict:
+                        progress: bool = False, num_views: int | None = None, view_seed: int = 0) -> dict:
     """Runs ``config.teacher`` once over ``config.data``'s training split; returns the manifest.
 
     ``teacher_workdir`` defaults to ``config.teacher.workdir`` (one teacher); the checkpoint
@@ -129,9 +177,29 @@ def build_teacher_cache(config, teacher_workdir: str | None, out_path: str, *, b
     The manifest records: ``teacher`` (work dir, checkpoint kind/step/fingerprint, sha256 of
     the variables, model name and kwargs, its eval accuracy), ``data`` (name, split, subset:
     :func:`data_identity`, plus ``num_examples``), ``normalisation`` (mean, std),
-    ``augmentation`` (``{"pad": 0, "flip": False}``: the view stored), ``num_views`` (1),
-    ``logits`` (dtype, shape) and the file names.
+    ``augmentation`` (the run's ``{"pad", "flip"}``, from ``config.data.augment`` or the data
+    set's default), ``num_views``, ``view_seed``, ``logits`` (dtype, shape) and the file names.
+
+    ``num_views``: how many augmented views of each example to store when the config augments
+    (required then: it multiplies the teacher's work and the cache's size); without
+    augmentation only 1 is allowed (every view would be the same image). ``view_seed`` picks
+    the views' crops and flips.
     """
+    aug = resolved_augmentation(config, config.data.name)
+    augmented = bool(aug["pad"] or aug["flip"])
+    if augmented and num_views is None:
+        raise config_lib.ConfigError(
+            f"the config augments ({aug}, from data.augment or the data set's default): pass num_views "
+            "(`jaxkd cache-teacher --views K`) to store K augmented views of every example, or cache the "
+            "un-augmented view for runs with data.augment={}")
+    num_views = 1 if num_views is None else num_views
+    if isinstance(num_views, bool) or not isinstance(num_views, int) or num_views < 1:
+        raise config_lib.ConfigError(f"num_views must be a positive int; got {num_views!r}")
+    if num_views > 1 and not augmented:
+        raise config_lib.ConfigError(f"num_views={num_views} needs augmentation (data.augment with pad or flip); "
+                                     "without it every view is the same image")
+    if isinstance(view_seed, bool) or not isinstance(view_seed, int):
+        raise config_lib.ConfigError(f"view_seed must be an int; got {view_seed!r}")
     teacher_workdir = teacher_workdir or config.teacher.workdir
     if not isinstance(teacher_workdir, str) or not teacher_workdir:
         raise config_lib.ConfigError("a teacher cache needs one teacher: set config.teacher.workdir "
@@ -152,28 +220,37 @@ def build_teacher_cache(config, teacher_workdir: str | None, out_path: str, *, b
     variables, meta = load_teacher(with_workdir, teacher, sample)
     pipeline = step_lib.InputPipeline(mean=tuple(info.mean), std=tuple(info.std))
 
+    train_pipeline = step_lib.InputPipeline(mean=tuple(info.mean), std=tuple(info.std), pad=aug["pad"],
+                                            flip=aug["flip"])
+
     @functools.partial(jax.jit, compiler_options=eval_compiler_options())
-    def forward(images):
-        logits, _, _ = teacher.apply(variables, pipeline(None, images, train=False), train=False)
+    def forward(images, offsets, flips):
+        # the student's training view (the stored crop/flip, then normalisation), the teacher in eval mode
+        x = train_pipeline(None, images, train=True, crop_flip=(offsets, flips)) if augmented else \
+            pipeline(None, images, train=False)
+        logits, _, _ = teacher.apply(variables, x, train=False)
         return logits.astype(jnp.float32)
 
     n = len(train_src)
     batch_size = int(batch_size or d.eval_batch_size)
-    logits = np.empty((n, 1, info.num_classes), np.float32)
+    logits = np.empty((n, num_views, info.num_classes), np.float32)
     ids = np.empty((n,), np.int64)
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=n, desc="teacher logits", unit="img", unit_scale=True, dynamic_ncols=True)
-    row = 0
-    for batch in data_lib.eval_batches(train_src, batch_size):
-        k = int(batch["mask"].sum())
-        out = np.asarray(forward(batch["image"]))
-        logits[row:row + k, 0] = out[:k]
-        ids[row:row + k] = batch["id"][:k]
-        row += k
-        if bar is not None:
-            bar.update(k)
+        bar = tqdm(total=n * num_views, desc=f"teacher logits ({num_views} view{'s' * (num_views > 1)})",
+                   unit="img", unit_scale=True, dynamic_ncols=True)
+    for view in range(num_views):
+        row = 0
+        for batch in data_lib.eval_batches(train_src, batch_size):
+            k = int(batch["mask"].sum())
+            offsets, flips = view_params(batch["id"], view, seed=view_seed, **aug)
+            out = np.asarray(forward(batch["image"], offsets, flips))
+            logits[row:row + k, view] = out[:k]
+            ids[row:row + k] = batch["id"][:k]
+            row += k
+            if bar is not None:
+                bar.update(k)
     if bar is not None:
         bar.close()
     order = np.argsort(ids, kind="stable")
@@ -190,8 +267,9 @@ def build_teacher_cache(config, teacher_workdir: str | None, out_path: str, *, b
         "data": {**data_identity(config), "num_examples": n, "num_classes": info.num_classes,
                  "input_shape": list(info.input_shape)},
         "normalisation": {"mean": list(info.mean), "std": list(info.std)},
-        "augmentation": {"pad": 0, "flip": False},
-        "num_views": 1,
+        "augmentation": {"pad": aug["pad"], "flip": aug["flip"]},
+        "num_views": num_views,
+        "view_seed": view_seed,
         "logits": {"dtype": "float32", "shape": list(logits.shape), "file": LOGITS, "ids_file": IDS},
     }
     os.makedirs(out_path, exist_ok=True)
@@ -218,23 +296,47 @@ def _atomic_save(path: str, array: np.ndarray) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class TeacherCache:
-    """An opened cache: ``lookup(ids) -> logits [B, C]`` (float32), view 0."""
+    """An opened cache: ``lookup(ids, views) -> logits [B, C]`` (float32)."""
 
     path: str
     manifest: Mapping[str, Any]
     ids: np.ndarray      # sorted int64 [N]
     logits: np.ndarray   # [N, V, C], memory-mapped
 
-    def lookup(self, ids) -> np.ndarray:
-        """The cached logits of the examples ``ids`` (any order, repeats allowed)."""
+    @property
+    def num_views(self) -> int:
+        return int(self.manifest["num_views"])
+
+    @property
+    def augmentation(self) -> dict:
+        a = self.manifest["augmentation"]
+        return {"pad": int(a["pad"]), "flip": bool(a["flip"])}
+
+    def batch_views(self, ids, epoch: int) -> dict[str, np.ndarray]:
+        """What the loop adds to a host batch of examples ``ids`` in ``epoch``: their teacher
+        logits and, for an augmented cache, the crop offsets and flips of the chosen views."""
+        seed = int(self.manifest.get("view_seed", 0))
+        views = choose_views(ids, epoch, self.num_views, seed=seed)
+        out = {"teacher_logits": self.lookup(ids, views)}
+        aug = self.augmentation
+        if aug["pad"] or aug["flip"]:
+            out["aug_offsets"], out["aug_flips"] = view_params(ids, views, seed=seed, **aug)
+        return out
+
+    def lookup(self, ids, views=0) -> np.ndarray:
+        """The cached logits of the examples ``ids`` (any order, repeats allowed), view ``views``
+        (one per example, or one for all)."""
         ids = np.asarray(ids, np.int64).reshape(-1)
+        views = np.broadcast_to(np.asarray(views, np.int64), ids.shape)
+        if views.size and (views.min() < 0 or views.max() >= self.num_views):
+            raise IndexError(f"view index out of range [0, {self.num_views}) for the teacher cache {self.path!r}")
         rows = np.searchsorted(self.ids, ids)
         rows = np.minimum(rows, len(self.ids) - 1)
         missing = self.ids[rows] != ids
         if np.any(missing):
             raise KeyError(f"example id(s) {ids[missing][:5].tolist()} are not in the teacher cache {self.path!r}; "
                            "it was made for another data set or subset")
-        return np.asarray(self.logits[rows, 0])
+        return np.asarray(self.logits[rows, views])
 
 
 def open_teacher_cache(path: str) -> TeacherCache:
@@ -294,10 +396,16 @@ def cache_mismatches(manifest: Mapping[str, Any], config, info, augmentation: Ma
             and np.allclose(norm["std"], info.std, rtol=0, atol=1e-7)):
         out.append(f"input normalisation: cache mean {norm['mean']} std {norm['std']}, run mean {list(info.mean)} "
                    f"std {list(info.std)}")
-    if manifest["num_views"] == 1 and (augmentation.get("pad") or augmentation.get("flip")):
-        out.append(f"augmentation: the run augments randomly ({dict(augmentation)}, from data.augment or the "
-                   f"data set's default) but the cache holds the un-augmented view only; train with "
-                   "data.augment={} or use the live teacher (no teacher.cache)")
+    have_aug = {"pad": int(manifest["augmentation"]["pad"]), "flip": bool(manifest["augmentation"]["flip"])}
+    want_aug = {"pad": int(augmentation.get("pad", 0)), "flip": bool(augmentation.get("flip", False))}
+    if have_aug != want_aug:
+        if not (have_aug["pad"] or have_aug["flip"]):
+            out.append(f"augmentation: the run augments ({want_aug}, from data.augment or the data set's default) "
+                       "but the cache holds the un-augmented view only; train with data.augment={}, rebuild the "
+                       "cache with augmented views (`jaxkd cache-teacher --views K`), or use the live teacher")
+        else:
+            out.append(f"augmentation: cache views {have_aug}, run {want_aug} (data.augment or the data set's "
+                       "default); rebuild the cache with the run's augmentation")
     return out
 
 
