@@ -92,6 +92,15 @@ def test_config_change_on_resume_refused(tmp_path, trained_teacher):
     train_and_evaluate(small_config(**{"teacher.workdir": teacher_wd}), wd, stop_after_steps=22)
     with pytest.raises(TrainingError, match=r"data.batch_size: 64 -> 32"):
         train_and_evaluate(small_config(**{"teacher.workdir": teacher_wd, "data.batch_size": 32}), wd)
+    with pytest.raises(TrainingError, match=r"data.val_fraction: 0.0 -> 0.1"):
+        train_and_evaluate(small_config(**{"teacher.workdir": teacher_wd, "data.val_fraction": 0.1}), wd)
+    # checkpoints written before data.val_fraction existed resume as val_fraction 0
+    from jaxkd.train.loop import config_differences
+    old = small_config().to_dict()
+    del old["data"]["val_fraction"]
+    assert config_differences(old, small_config().to_dict()) == []
+    assert config_differences(old, small_config(**{"data.val_fraction": 0.2}).to_dict()) == \
+        ["data.val_fraction: 0.0 -> 0.2"]
 
 
 def test_bad_config_values():

@@ -37,9 +37,11 @@ from jaxkd.train import step as step_lib
 log = logging.getLogger(__name__)
 
 # Keys whose change between a kill and a resume makes the resumed run a different run.
-RESUME_KEYS = ("seed", "data.name", "data.batch_size", "data.num_train_examples", "model.name", "model.kwargs",
-               "method.name", "teacher.name", "optim.name", "train.num_epochs", "stages", "teachers",
-               "teacher.cache")
+RESUME_KEYS = ("seed", "data.name", "data.batch_size", "data.num_train_examples", "data.subset_seed",
+               "data.val_fraction", "model.name", "model.kwargs", "method.name", "teacher.name", "optim.name",
+               "train.num_epochs", "stages", "teachers", "teacher.cache")
+# what a key added later means in checkpoints written before it existed
+_RESUME_KEY_DEFAULTS = {"data.val_fraction": 0.0}
 
 
 class TrainingError(RuntimeError):
@@ -76,7 +78,10 @@ def _get(cfg: dict, dotted: str):
 
 
 def config_differences(old: dict, new: dict, keys=RESUME_KEYS) -> list[str]:
-    return [f"{k}: {_get(old, k)!r} -> {_get(new, k)!r}" for k in keys if _get(old, k) != _get(new, k)]
+    def get(cfg, k):
+        value = _get(cfg, k)
+        return _RESUME_KEY_DEFAULTS.get(k) if value is None else value
+    return [f"{k}: {get(old, k)!r} -> {get(new, k)!r}" for k in keys if get(old, k) != get(new, k)]
 
 
 class MetricLogger:
