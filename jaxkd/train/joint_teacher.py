@@ -43,7 +43,10 @@ def teacher_variables(state) -> dict:
 
 
 class JointTeacherEval:
-    """Evaluates the joint teacher at eval epochs and keeps its best checkpoint."""
+    """Evaluates the joint teacher at eval epochs and keeps its best checkpoint.
+
+    ``evaluate`` is :func:`jaxkd.train.loop.evaluate_for_selection`: with ``val_src`` the best
+    teacher is picked on the validation set, as the student is."""
 
     def __init__(self, workdir: str, teacher, pipeline, mesh, evaluate: Callable, eval_src, batch_size: int,
                  cfg_dict: dict, val_src=None):
@@ -56,13 +59,13 @@ class JointTeacherEval:
 
     def __call__(self, state, step: int, epoch: int, meta: dict, save: bool = True) -> dict:
         variables = teacher_variables(state)
-        ev = self.evaluate(self.eval_step, variables, self.eval_src, self.batch_size, self.mesh)
+        ev, ev_val, selection = self.evaluate(self.eval_step, variables, self.eval_src, self.val_src,
+                                              self.batch_size, self.mesh)
         out = {"eval/teacher_accuracy": ev["accuracy"], "eval/teacher_loss": ev["loss"]}
-        selection, best_key = ev["accuracy"], "joint_teacher_best_accuracy"
-        if self.val_src is not None:
-            ev_val = self.evaluate(self.eval_step, variables, self.val_src, self.batch_size, self.mesh)
+        best_key = "joint_teacher_best_accuracy"
+        if ev_val is not None:
             out.update({"val/teacher_accuracy": ev_val["accuracy"], "val/teacher_loss": ev_val["loss"]})
-            selection, best_key = ev_val["accuracy"], "joint_teacher_best_val_accuracy"
+            best_key = "joint_teacher_best_val_accuracy"
         best = meta.get(best_key)
         if save and (best is None or selection > best):
             meta["joint_teacher_best_accuracy"], meta["joint_teacher_best_epoch"] = ev["accuracy"], epoch

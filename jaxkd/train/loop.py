@@ -225,6 +225,14 @@ def evaluate(eval_step, variables, source, batch_size: int, mesh) -> dict:
     return {"accuracy": sums["correct"] / n, "loss": sums["loss_sum"] / n, "count": int(sums["count"])}
 
 
+def evaluate_for_selection(eval_step, variables, eval_src, val_src, batch_size: int, mesh):
+    """``(eval-split result, validation result or None, selection accuracy)``: the accuracy that
+    picks the best checkpoint is the validation set's when there is one, else the eval split's."""
+    ev = evaluate(eval_step, variables, eval_src, batch_size, mesh)
+    ev_val = evaluate(eval_step, variables, val_src, batch_size, mesh) if val_src is not None else None
+    return ev, ev_val, (ev_val or ev)["accuracy"]
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False,
                        stop_after_steps: int | None = None) -> dict:
     """Trains ``config.model`` with ``config.method`` in ``workdir`` (resuming if possible).
@@ -398,7 +406,7 @@ def _train(config, workdir, mesh, allow_config_change, stop_after_steps):
         return _summary(meta, config, teacher_meta, total_steps, val_src)
 
     eval_step = step_lib.make_eval_step(student, pipeline, mesh=mesh)
-    joint_eval = (joint_lib.JointTeacherEval(workdir, teacher, pipeline, mesh, evaluate, eval_src,
+    joint_eval = (joint_lib.JointTeacherEval(workdir, teacher, pipeline, mesh, evaluate_for_selection, eval_src,
                                              d.eval_batch_size, cfg_dict, val_src=val_src)
                   if trains_teacher else None)
     progress = _progress(config, steps_per_epoch * d.batch_size)
@@ -493,14 +501,11 @@ def _train(config, workdir, mesh, allow_config_change, stop_after_steps):
                     epoch_count = 0
                     do_eval = epoch % config.train.eval_every_epochs == 0 or step == stage.end
                     if do_eval:
-                        ev = evaluate(eval_step, state.student_variables(), eval_src, d.eval_batch_size, mesh)
+                        ev, ev_val, selection = evaluate_for_selection(
+                            eval_step, state.student_variables(), eval_src, val_src, d.eval_batch_size, mesh)
                         record.update({"eval/accuracy": ev["accuracy"], "eval/loss": ev["loss"]})
-                        selection = ev["accuracy"]  # what picks the best checkpoint
-                        if val_src is not None:
-                            ev_val = evaluate(eval_step, state.student_variables(), val_src, d.eval_batch_size,
-                                              mesh)
+                        if ev_val is not None:
                             record.update({"val/accuracy": ev_val["accuracy"], "val/loss": ev_val["loss"]})
-                            selection = ev_val["accuracy"]
                         if joint_eval is not None:
                             record.update(joint_eval(state, step, epoch, meta))
                     record["time_s"] = meta["train_time_s"] + time.perf_counter() - t_start
