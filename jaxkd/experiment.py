@@ -190,22 +190,21 @@ def plot_curves(workdir: str, names: list[str], teacher_dir: str | None = None) 
         if not os.path.isdir(base):
             continue
         dirs = [base] if name == "teacher" else [os.path.join(base, d) for d in sorted(os.listdir(base))]
-        curves = []
+        curves, val_curves = [], []
         for d in dirs:
             path = os.path.join(d, "metrics.jsonl")
             if os.path.exists(path):
                 with open(path) as f:
                     recs = [json.loads(ln) for ln in f if ln.strip()]
                 curves.append([(r["epoch"], r["eval/accuracy"]) for r in recs if "eval/accuracy" in r])
+                val_curves.append([(r["epoch"], r["val/accuracy"]) for r in recs if "val/accuracy" in r])
         if not curves:
             continue
-        n = min(len(c) for c in curves)
-        epochs = [curves[0][i][0] for i in range(n)]
-        mean = [statistics.fmean(c[i][1] for c in curves) for i in range(n)]
-        ax.plot(epochs, [100 * m for m in mean], label=f"{name} (n={len(curves)})",
-                linestyle="--" if name == "teacher" else "-")
+        line = _plot_mean(ax, curves, f"{name} (n={len(curves)})", "--" if name == "teacher" else "-")
+        if val_curves and all(val_curves):  # runs with data.val_fraction: the accuracy that picked "best", dotted
+            _plot_mean(ax, val_curves, f"{name} validation", ":", color=line.get_color())
     ax.set_xlabel("epoch")
-    ax.set_ylabel("eval accuracy %")
+    ax.set_ylabel("accuracy % (eval split; dotted: validation)")
     ax.grid(alpha=0.3)
     ax.legend()
     out = os.path.join(workdir, "curves.png")
@@ -213,6 +212,17 @@ def plot_curves(workdir: str, names: list[str], teacher_dir: str | None = None) 
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def mean_curve(curves: list[list[tuple[int, float]]]) -> tuple[list[int], list[float]]:
+    """``(epochs, mean accuracy)`` over seeds of ``(epoch, accuracy)`` curves, cut to the shortest."""
+    n = min(len(c) for c in curves)
+    return [curves[0][i][0] for i in range(n)], [statistics.fmean(c[i][1] for c in curves) for i in range(n)]
+
+
+def _plot_mean(ax, curves, label: str, linestyle: str, **kw):
+    epochs, mean = mean_curve(curves)
+    return ax.plot(epochs, [100 * m for m in mean], label=label, linestyle=linestyle, **kw)[0]
 
 
 def plot_sweep(workdir: str, rows: list[dict], sweep: dict[str, Sequence], method: str) -> str | None:

@@ -144,7 +144,7 @@ def test_joint_teacher_is_picked_on_the_validation_set(tmp_path, data_dir):
     summary = train_and_evaluate(_config(**{"data.val_fraction": 0.2, "train.num_epochs": 2}), wd)
     history = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]
     t_val = [r["val/teacher_accuracy"] for r in history]
-    best = int(np.argmax(t_val))
+    best = max(range(len(history)), key=lambda i: (t_val[i], -history[i]["val/teacher_loss"], -i))
     joint = json.load(open(os.path.join(wd, "joint_teacher", "summary.json")))
     assert joint["selected_on"] == "val" and joint["best_val_accuracy"] == t_val[best]
     assert joint["best_epoch"] == history[best]["epoch"]

@@ -135,7 +135,8 @@ def test_val_fraction_picks_the_best_checkpoint_on_held_out_training_examples(tm
     summary = train_and_evaluate(cfg, wd)
     history = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]
     val_acc = [r["val/accuracy"] for r in history]
-    best = int(np.argmax(val_acc))  # first epoch with the highest validation accuracy
+    # the first epoch with the highest validation accuracy, ties going to the lower validation loss
+    best = max(range(len(history)), key=lambda i: (val_acc[i], -history[i]["val/loss"], -i))
     assert summary["selected_on"] == "val" and summary["num_val"] == len(val_src)
     assert summary["best_epoch"] == history[best]["epoch"]
     assert summary["best_val_accuracy"] == val_acc[best]
@@ -268,3 +269,45 @@ def test_bfloat16_teacher_is_stored_and_run_in_bfloat16(tmp_path, trained_teache
     assert abs(f32["train/teacher_accuracy"] - bf16["train/teacher_accuracy"]) < 0.01
     assert f32["train/kd"] != bf16["train/kd"]  # it really ran in bfloat16
     np.testing.assert_allclose(bf16["train/kd"], f32["train/kd"], rtol=0.05)
+
+
+def test_best_selection_order_and_its_orbax_score():
+    improves, score = ckpt_lib.improves, ckpt_lib.selection_score
+    assert improves((0.5,), None) and improves((0.6,), (0.5,))
+    assert not improves((0.5,), (0.5,))  # eval-split selection: a tie keeps the earlier epoch
+    assert improves((0.9, -0.30), (0.9, -0.31)) and not improves((0.9, -0.31), (0.9, -0.30))
+    assert improves((0.91, -5.0), (0.9, -0.01))  # accuracy first
+    assert ckpt_lib.best_key_so_far({"best_accuracy": 0.7}) == (0.7,)  # a run saved before keys
+    assert ckpt_lib.best_key_so_far({"best_accuracy": 0.7, "best_key": [0.8, -0.2]}) == (0.8, -0.2)
+    assert ckpt_lib.best_key_so_far({"best_accuracy": None}) is None
+    # Orbax keeps the checkpoint with the highest score: it must order keys as improves does
+    rng = np.random.default_rng(0)
+    keys = [(rng.integers(0, 500) / 500, -float(rng.exponential(2.0))) for _ in range(300)]
+    keys += [(0.5, -0.25), (0.5, -0.2500001), (1.0, 0.0), (0.0, -1e6)]
+    for a in keys[::7]:
+        for b in keys:
+            assert (score(a) > score(b)) == improves(a, b), (a, b)
+
+
+def test_curves_plot_validation_next_to_test_accuracy(tmp_path, monkeypatch):
+    from jaxkd import experiment
+    runs = {"kd": {0: ([0.5, 0.7, 0.8], [0.55, 0.75, 0.7]), 1: ([0.6, 0.65, 0.9], [0.6, 0.8, 0.85])},
+            "baseline": {0: ([0.4, 0.5, 0.6], None)}}
+    for name, seeds in runs.items():
+        for seed, (test, val) in seeds.items():
+            os.makedirs(tmp_path / name / f"seed{seed}")
+            with open(tmp_path / name / f"seed{seed}" / "metrics.jsonl", "w") as f:
+                for e, acc in enumerate(test, 1):
+                    rec = {"epoch": e, "eval/accuracy": acc, **({"val/accuracy": val[e - 1]} if val else {})}
+                    f.write(json.dumps(rec) + "\n")
+    drawn = []
+    plot_mean = experiment._plot_mean
+    monkeypatch.setattr(experiment, "_plot_mean", lambda ax, curves, label, ls, **kw: (
+        drawn.append((label, ls, experiment.mean_curve(curves))), plot_mean(ax, curves, label, ls, **kw))[1])
+    assert os.path.exists(experiment.plot_curves(str(tmp_path), ["baseline", "kd"]))
+    by_label = {label: (ls, curve) for label, ls, curve in drawn}
+    assert set(by_label) == {"baseline (n=1)", "kd (n=2)", "kd validation"}  # no validation curve without one
+    ls, (epochs, mean) = by_label["kd validation"]
+    assert ls == ":" and epochs == [1, 2, 3]
+    np.testing.assert_allclose(mean, np.mean([[0.55, 0.75, 0.7], [0.6, 0.8, 0.85]], axis=0))
+    np.testing.assert_allclose(by_label["kd (n=2)"][1][1], [0.55, 0.675, 0.85])

@@ -59,10 +59,40 @@ def save_run(manager: ocp.CheckpointManager, step: int, state, data_state: dict,
         meta=ocp.args.JsonSave(meta)), force=True)
 
 
-def save_best(manager: ocp.CheckpointManager, step: int, model: dict, meta: dict, accuracy: float) -> None:
+def improves(key, best) -> bool:
+    """Whether an epoch with selection ``key`` beats the best so far (``None``: none yet).
+
+    Keys are tuples compared in order: ``(eval accuracy,)`` when "best" is picked on the eval
+    split (a tie keeps the earlier epoch, the reference code's strict ``>``), or
+    ``(validation accuracy, -validation loss)`` with a validation set, where a tie in accuracy
+    (common on a small set that saturates) goes to the lower loss.
+    """
+    return best is None or tuple(key) > tuple(best)
+
+
+def best_key_so_far(meta: dict, prefix: str = "") -> tuple | None:
+    """The selection key of the best epoch recorded in a run's ``meta`` (``prefix``
+    ``"joint_teacher_"`` for Apprentice's joint teacher); runs checkpointed before keys were
+    stored have only the eval accuracy."""
+    key = meta.get(f"{prefix}best_key")
+    if key is not None:
+        return tuple(key)
+    accuracy = meta.get(f"{prefix}best_accuracy")
+    return None if accuracy is None else (accuracy,)
+
+
+def selection_score(key) -> float:
+    """One number in the order of :func:`improves`' keys, for Orbax's ``best_fn``: the accuracy
+    plus a term below 1e-8 that falls with the loss (accuracies of sets under 10 M examples
+    differ by more than that)."""
+    return float(key[0]) + (1e-8 / (1.0 - float(key[1])) if len(key) > 1 else 0.0)
+
+
+def save_best(manager: ocp.CheckpointManager, step: int, model: dict, meta: dict, key) -> None:
+    """Saves ``model`` as the best checkpoint; ``key`` is its selection key (:func:`improves`)."""
     manager.save(step, args=ocp.args.Composite(model=ocp.args.StandardSave(model),
                                                meta=ocp.args.JsonSave(meta)),
-                 metrics={"accuracy": float(accuracy)}, force=True)
+                 metrics={"accuracy": selection_score(key)}, force=True)
 
 
 def restore_latest(manager: ocp.CheckpointManager, state_template) -> tuple[int, Any, dict, dict] | None:

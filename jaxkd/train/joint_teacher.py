@@ -59,22 +59,20 @@ class JointTeacherEval:
 
     def __call__(self, state, step: int, epoch: int, meta: dict, save: bool = True) -> dict:
         variables = teacher_variables(state)
-        ev, ev_val, selection = self.evaluate(self.eval_step, variables, self.eval_src, self.val_src,
-                                              self.batch_size, self.mesh)
+        ev, ev_val, key = self.evaluate(self.eval_step, variables, self.eval_src, self.val_src,
+                                        self.batch_size, self.mesh)
         out = {"eval/teacher_accuracy": ev["accuracy"], "eval/teacher_loss": ev["loss"]}
-        best_key = "joint_teacher_best_accuracy"
         if ev_val is not None:
             out.update({"val/teacher_accuracy": ev_val["accuracy"], "val/teacher_loss": ev_val["loss"]})
-            best_key = "joint_teacher_best_val_accuracy"
-        best = meta.get(best_key)
-        if save and (best is None or selection > best):
+        if save and ckpt_lib.improves(key, ckpt_lib.best_key_so_far(meta, "joint_teacher_")):
             meta["joint_teacher_best_accuracy"], meta["joint_teacher_best_epoch"] = ev["accuracy"], epoch
+            meta["joint_teacher_best_key"] = list(key)
             best_meta = {"epoch": epoch, "accuracy": ev["accuracy"], "config": self.cfg_dict}
-            if self.val_src is not None:
-                meta[best_key] = best_meta["val_accuracy"] = selection
+            if ev_val is not None:
+                meta["joint_teacher_best_val_accuracy"] = best_meta["val_accuracy"] = ev_val["accuracy"]
             model = {"params": variables["params"], "model_state": {k: v for k, v in variables.items()
                                                                     if k != "params"}}
-            ckpt_lib.save_best(self.best_mgr, step, model, best_meta, selection)
+            ckpt_lib.save_best(self.best_mgr, step, model, best_meta, key)
         return out
 
     def finish(self, meta: dict, last_accuracy: float | None) -> None:

@@ -226,11 +226,15 @@ def evaluate(eval_step, variables, source, batch_size: int, mesh) -> dict:
 
 
 def evaluate_for_selection(eval_step, variables, eval_src, val_src, batch_size: int, mesh):
-    """``(eval-split result, validation result or None, selection accuracy)``: the accuracy that
-    picks the best checkpoint is the validation set's when there is one, else the eval split's."""
+    """``(eval-split result, validation result or None, selection key)``. The key picks the best
+    checkpoint (:func:`jaxkd.train.checkpoint.improves`): ``(validation accuracy, -validation
+    loss)`` when there is a validation set, else ``(eval-split accuracy,)``."""
     ev = evaluate(eval_step, variables, eval_src, batch_size, mesh)
-    ev_val = evaluate(eval_step, variables, val_src, batch_size, mesh) if val_src is not None else None
-    return ev, ev_val, (ev_val or ev)["accuracy"]
+    if val_src is None:
+        return ev, None, (ev["accuracy"],)
+    ev_val = evaluate(eval_step, variables, val_src, batch_size, mesh)
+    return ev, ev_val, (ev_val["accuracy"], -ev_val["loss"])
+
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False,
@@ -501,7 +505,7 @@ def _train(config, workdir, mesh, allow_config_change, stop_after_steps):
                     epoch_count = 0
                     do_eval = epoch % config.train.eval_every_epochs == 0 or step == stage.end
                     if do_eval:
-                        ev, ev_val, selection = evaluate_for_selection(
+                        ev, ev_val, key = evaluate_for_selection(
                             eval_step, state.student_variables(), eval_src, val_src, d.eval_batch_size, mesh)
                         record.update({"eval/accuracy": ev["accuracy"], "eval/loss": ev["loss"]})
                         if ev_val is not None:
@@ -512,18 +516,17 @@ def _train(config, workdir, mesh, allow_config_change, stop_after_steps):
                     logger.write(record)
                     meta["history"].append(record)
                     # best among the epochs of the final stage (earlier stages may train only part
-                    # of the student, e.g. FitNets' hint stage), by validation accuracy when there is
-                    # a validation set, else by eval-split accuracy; best_accuracy is always the
-                    # eval split's accuracy at that epoch
-                    best_key = "best_val_accuracy" if val_src is not None else "best_accuracy"
-                    if do_eval and final_stage and (meta.get(best_key) is None or selection > meta[best_key]):
-                        meta["best_accuracy"], meta["best_epoch"] = ev["accuracy"], epoch
+                    # of the student, e.g. FitNets' hint stage), on the validation set when there is
+                    # one, else on the eval split; best_accuracy is always the eval split's accuracy
+                    # at that epoch
+                    if do_eval and final_stage and ckpt_lib.improves(key, ckpt_lib.best_key_so_far(meta)):
+                        meta["best_accuracy"], meta["best_epoch"], meta["best_key"] = ev["accuracy"], epoch, list(key)
                         best_meta = {"epoch": epoch, "accuracy": ev["accuracy"], "config": cfg_dict}
-                        if val_src is not None:
-                            meta["best_val_accuracy"] = best_meta["val_accuracy"] = selection
+                        if ev_val is not None:
+                            meta["best_val_accuracy"] = best_meta["val_accuracy"] = ev_val["accuracy"]
                         ckpt_lib.save_best(best_mgr, step, {"params": state.params["student"],
                                                             "model_state": state.model_state["student"]},
-                                           best_meta, selection)
+                                           best_meta, key)
                     if progress is not None:
                         progress.write(_format_record(record))
                         if step < total_steps:
