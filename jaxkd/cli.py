@@ -68,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="augmented views stored per example (needed when the config augments, e.g. CIFAR's "
                          "default pad 4 + flip); each epoch the student trains on one of them")
     ct.add_argument("--view-seed", type=int, default=0, help="seed of the views' crops and flips")
+    ct.add_argument("--dtype", default="float32", choices=("float32", "float16"),
+                    help="storage of the logits (float16: half the size, ~3 significant digits)")
     ct.add_argument("--no-progress", action="store_true")
     return p
 
@@ -119,7 +121,7 @@ def run(argv: list[str] | None = None) -> int:
         from jaxkd.train.teacher_cache import build_teacher_cache
         manifest = build_teacher_cache(config, None, args.workdir, batch_size=args.batch_size,
                                        progress=not args.no_progress, num_views=args.views,
-                                       view_seed=args.view_seed)
+                                       view_seed=args.view_seed, dtype=args.dtype)
         print(json.dumps({"cache": os.path.abspath(args.workdir), "logits_shape": manifest["logits"]["shape"],
                           "teacher_step": manifest["teacher"]["step"]}, indent=2))
     return 0

@@ -283,6 +283,30 @@ def test_kd_from_view_cache_trains_and_resumes_exactly(tmp_path, teacher_and_cac
         train_and_evaluate(small_config(**{**over, "data.augment": {"pad": 2, "flip": True}}), str(tmp_path / "x"))
 
 
+def test_float16_cache_is_half_the_size_and_rounds_within_half_an_ulp(tmp_path, teacher_and_cache):
+    teacher_wd, cache32 = teacher_and_cache
+    path = str(tmp_path / "f16")
+    m = cache_lib.build_teacher_cache(small_config(**{"teacher.workdir": teacher_wd}), None, path,
+                                      batch_size=100, dtype="float16")
+    a, b = cache_lib.open_teacher_cache(cache32), cache_lib.open_teacher_cache(path)
+    assert b.logits.dtype == np.float16 and m["logits"]["dtype"] == "float16"
+    size = lambda p: os.path.getsize(os.path.join(p, "logits.npy"))  # noqa: E731
+    assert size(path) < 0.52 * size(cache32)
+    ids = a.ids[::5]
+    exact, rounded = a.lookup(ids), b.lookup(ids)
+    assert rounded.dtype == np.float32
+    # round-to-nearest float16: error at most half a unit in the last place (10-bit mantissa)
+    ulp = 2.0 ** (np.floor(np.log2(np.maximum(np.abs(exact), 2.0 ** -14))) - 10)
+    assert np.all(np.abs(rounded - exact) <= ulp / 2 + 1e-6)
+    assert 0 < m["logits"]["max_abs_rounding"] <= np.abs(b.logits.astype(np.float32) - a.logits).max() + 1e-6
+    # a run trains from it like from the float32 cache
+    summary = train_and_evaluate(small_config(**{"teacher.workdir": teacher_wd, "teacher.cache": path}),
+                                 str(tmp_path / "run"))
+    assert summary["last_accuracy"] > 0.5
+    with pytest.raises(config_lib.ConfigError, match="dtype must be"):
+        cache_lib.build_teacher_cache(small_config(**{"teacher.workdir": teacher_wd}), None, path, dtype="int8")
+
+
 def test_view_cache_build_errors(teacher_and_cache, tmp_path):
     teacher_wd, _ = teacher_and_cache
     aug = small_config(**{"teacher.workdir": teacher_wd, "data.augment": {"pad": 1, "flip": False}})
