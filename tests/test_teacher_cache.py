@@ -342,8 +342,9 @@ def test_cli_cache_teacher(tmp_path, teacher_and_cache, capsys):
     np.testing.assert_allclose(a.logits, b.logits, rtol=1e-5, atol=1e-5)  # another batch size
     views = str(tmp_path / "cli_views")
     cli.run(["cache-teacher", "--config", os.path.join(ROOT, "experiments/configs/digits.py"), "--workdir", views,
-             "--no-progress", "--views", "2", "--view-seed", "5", "teacher.kwargs={'width': 8}",
+             "--no-progress", "--views", "2", "--view-seed", "5", "--dtype", "float16", "teacher.kwargs={'width': 8}",
              "data.augment={'pad': 1, 'flip': False}", f"teacher.workdir={teacher_wd}"])
     assert json.loads(capsys.readouterr().out)["logits_shape"][1:] == [2, 10]
     m = cache_lib.open_teacher_cache(views).manifest
     assert m["view_seed"] == 5 and m["augmentation"] == {"pad": 1, "flip": False}
+    assert m["logits"]["dtype"] == "float16"
