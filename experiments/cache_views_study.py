@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -31,7 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from jaxkd import config as config_lib  # noqa: E402
-from jaxkd.experiment import teacher_config  # noqa: E402
+from jaxkd.experiment import _mean_std as _ms, teacher_config  # noqa: E402
 from jaxkd.train import teacher_cache as cache_lib  # noqa: E402
 from jaxkd.train.loop import train_and_evaluate  # noqa: E402
 
@@ -39,15 +38,8 @@ CONFIG = os.path.join(ROOT, "experiments/configs/fashion_mnist.py")
 CROPS = {"pad": 2, "flip": False}
 
 
-def _ms(xs):
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return None, None
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
-
-
 def _fmt(m, s):
-    return "n/a" if m is None else f"{100 * m:.2f} ± {100 * s:.2f}"
+    return "n/a" if m != m else f"{100 * m:.2f} ± {100 * s:.2f}"  # nan: no value
 
 
 def _run(cfg, workdir):

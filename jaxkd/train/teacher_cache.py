@@ -1,8 +1,9 @@
 """Teacher-output cache: the frozen teacher's logits computed once, keyed by example id.
 
 ``build_teacher_cache(config, teacher_workdir, out_path)`` runs the teacher (inference mode)
-once over the training split, on the view the student trains on when augmentation is off:
-the un-augmented image, normalised with the data set's mean/std. It writes a folder::
+once per stored view over the training split, on the input the student trains on (the
+image, cropped/flipped as the view says when the run augments, normalised with the data set's
+mean/std). It writes a folder::
 
     OUT/logits.npy      float32 (or float16) [N, V, C]: row i holds the logits of example ids[i]
     OUT/ids.npy         int64 [N], sorted ascending (the ``id`` of ``train_batches``)
@@ -156,9 +157,13 @@ def data_identity(config) -> dict:
     return out
 
 
+def _pad_flip(aug: Mapping[str, Any]) -> dict:
+    return {"pad": int(aug.get("pad", 0)), "flip": bool(aug.get("flip", False))}
+
+
 def resolved_augmentation(config, dataset_name: str) -> dict:
     aug = data_lib.default_augmentation(dataset_name) if config.data.augment is None else dict(config.data.augment)
-    return {"pad": int(aug.get("pad", 0)), "flip": bool(aug.get("flip", False))}
+    return _pad_flip(aug)
 
 
 # --------------------------------------------------------------------------------------------
@@ -226,16 +231,13 @@ def build_teacher_cache(config, teacher_workdir: str | None, out_path: str, *, b
     with_workdir = ml_collections.ConfigDict(config.to_dict())
     with_workdir.teacher.workdir = teacher_workdir
     variables, meta = load_teacher(with_workdir, teacher, sample)
-    pipeline = step_lib.InputPipeline(mean=tuple(info.mean), std=tuple(info.std))
-
-    train_pipeline = step_lib.InputPipeline(mean=tuple(info.mean), std=tuple(info.std), pad=aug["pad"],
-                                            flip=aug["flip"])
+    pipeline = step_lib.InputPipeline(mean=tuple(info.mean), std=tuple(info.std), **aug)
 
     @functools.partial(jax.jit, compiler_options=eval_compiler_options())
     def forward(images, offsets, flips):
-        # the student's training view (the stored crop/flip, then normalisation), the teacher in eval mode
-        x = train_pipeline(None, images, train=True, crop_flip=(offsets, flips)) if augmented else \
-            pipeline(None, images, train=False)
+        # the student's training view: the stored crop/flip (none without augmentation), normalised;
+        # the teacher in eval mode
+        x = pipeline(None, images, train=True, crop_flip=(offsets, flips))
         logits, _, _ = teacher.apply(variables, x, train=False)
         return logits.astype(jnp.float32)
 
@@ -326,8 +328,7 @@ class TeacherCache:
 
     @property
     def augmentation(self) -> dict:
-        a = self.manifest["augmentation"]
-        return {"pad": int(a["pad"]), "flip": bool(a["flip"])}
+        return _pad_flip(self.manifest["augmentation"])
 
     def batch_views(self, ids, epoch: int) -> dict[str, np.ndarray]:
         """What the loop adds to a host batch of examples ``ids`` in ``epoch``: their teacher
@@ -414,8 +415,7 @@ def cache_mismatches(manifest: Mapping[str, Any], config, info, augmentation: Ma
             and np.allclose(norm["std"], info.std, rtol=0, atol=1e-7)):
         out.append(f"input normalisation: cache mean {norm['mean']} std {norm['std']}, run mean {list(info.mean)} "
                    f"std {list(info.std)}")
-    have_aug = {"pad": int(manifest["augmentation"]["pad"]), "flip": bool(manifest["augmentation"]["flip"])}
-    want_aug = {"pad": int(augmentation.get("pad", 0)), "flip": bool(augmentation.get("flip", False))}
+    have_aug, want_aug = _pad_flip(manifest["augmentation"]), _pad_flip(augmentation)
     if have_aug != want_aug:
         if not (have_aug["pad"] or have_aug["flip"]):
             out.append(f"augmentation: the run augments ({want_aug}, from data.augment or the data set's default) "
