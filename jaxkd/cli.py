@@ -70,6 +70,12 @@ def _parser() -> argparse.ArgumentParser:
     ct.add_argument("--view-seed", type=int, default=0, help="seed of the views' crops and flips")
     ct.add_argument("--dtype", default="float32", choices=("float32", "float16"),
                     help="storage of the logits (float16: half the size, ~3 significant digits)")
+    ct.add_argument("--top-k", type=int, default=None,
+                    help="store only the K largest logits per example and view, plus one logit for the other "
+                         "classes (about C/(2K) times smaller; serves hinton_kd at --temperature only)")
+    ct.add_argument("--temperature", type=float, default=None,
+                    help="with --top-k: the distillation temperature the cache is made for (default: the "
+                         "config's hinton_kd temperature)")
     ct.add_argument("--no-progress", action="store_true")
     return p
 
@@ -121,9 +127,13 @@ def run(argv: list[str] | None = None) -> int:
         from jaxkd.train.teacher_cache import build_teacher_cache
         manifest = build_teacher_cache(config, None, args.workdir, batch_size=args.batch_size,
                                        progress=not args.no_progress, num_views=args.views,
-                                       view_seed=args.view_seed, dtype=args.dtype)
-        print(json.dumps({"cache": os.path.abspath(args.workdir), "logits_shape": manifest["logits"]["shape"],
-                          "teacher_step": manifest["teacher"]["step"]}, indent=2))
+                                       view_seed=args.view_seed, dtype=args.dtype, top_k=args.top_k,
+                                       temperature=args.temperature)
+        summary = {"cache": os.path.abspath(args.workdir), "logits_shape": manifest["logits"]["shape"],
+                   "teacher_step": manifest["teacher"]["step"]}
+        if args.top_k:
+            summary.update({k: manifest["logits"][k] for k in ("top_k", "temperature", "top_k_mass")})
+        print(json.dumps(summary, indent=2))
     return 0
 
 

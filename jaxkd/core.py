@@ -90,6 +90,10 @@ class Recipe:
         as the student. Not combined with a frozen teacher (``uses_teacher``).
       teacher_logits_only: the loss reads only ``teacher_logits`` (no teacher features, no
         ``teacher_apply``), so it can train from a teacher-output cache (``teacher.cache``).
+      teacher_temperature: the loss reads the teacher's logits only through
+        ``softmax(teacher_logits / T)`` with this ``T`` (Hinton KD: its temperature; Label
+        Refinery: 1). A top-k teacher cache, which keeps that softmax exact only at the
+        temperature it was made for, serves only such recipes. ``None``: not declared.
     """
 
     name: str
@@ -102,6 +106,7 @@ class Recipe:
     aux_optim: Mapping[str, Any] | None = None
     trains_teacher: bool = False
     teacher_logits_only: bool = False
+    teacher_temperature: float | None = None
 
 
 def make_weight_schedule(spec: Any) -> Callable[..., Array]:

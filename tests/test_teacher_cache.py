@@ -348,3 +348,158 @@ def test_cli_cache_teacher(tmp_path, teacher_and_cache, capsys):
     m = cache_lib.open_teacher_cache(views).manifest
     assert m["view_seed"] == 5 and m["augmentation"] == {"pad": 1, "flip": False}
     assert m["logits"]["dtype"] == "float16"
+
+
+# --------------------------------------------------------------------------------------------
+# Top-k caches (FKD-style stored soft labels)
+# --------------------------------------------------------------------------------------------
+
+
+def _fkd_label(z, k, temperature):
+    """Independent expectation: the teacher's softmax at T on its k most likely classes, the
+    remaining probability split evenly over the others (FKD's stored soft label)."""
+    z = np.asarray(z, np.float64) / temperature
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    q = np.empty_like(p)
+    for i in range(p.shape[0]):
+        top = np.argsort(-p[i], kind="stable")[:k]
+        q[i] = (1.0 - p[i, top].sum()) / (p.shape[1] - k)
+        q[i, top] = p[i, top]
+    return q
+
+
+def _softmax(z, temperature):
+    z = np.asarray(z, np.float64) / temperature
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize("k, temperature", [(1, 4.0), (3, 4.0), (5, 1.0), (19, 2.5)])
+def test_topk_compress_expands_to_fkd_soft_labels(k, temperature):
+    rng = np.random.default_rng(k)
+    z = rng.normal(scale=4.0, size=(64, 20))
+    values, indices, rest = cache_lib.topk_compress(z, k, temperature)
+    assert values.shape == indices.shape == (64, k) and rest.shape == (64,)
+    np.testing.assert_array_equal(indices, np.argsort(-z, axis=-1)[:, :k])  # largest first
+    assert np.all(np.diff(values, axis=-1) <= 0)
+    dense = cache_lib.topk_expand(values, indices, rest, 20)
+    assert dense.dtype == np.float32 and dense.shape == z.shape
+    np.testing.assert_allclose(_softmax(dense, temperature), _fkd_label(z, k, temperature), rtol=2e-5, atol=1e-7)
+    np.testing.assert_array_equal(dense.argmax(-1), z.argmax(-1))
+    mass = cache_lib.topk_mass(values, rest, 20, temperature)
+    np.testing.assert_allclose(mass, np.sort(_softmax(z, temperature), -1)[:, -k:].sum(-1), rtol=1e-12)
+    if k == 19:  # one class left: its "rest" logit is its own logit
+        np.testing.assert_allclose(rest, np.sort(z, -1)[:, 0], rtol=1e-12)
+
+
+def test_in_memory_cache_serves_lookups():
+    """A cache made in memory (``benchmarks/bench_cached_kd.py`` does this) needs no manifest keys."""
+    logits = np.arange(4 * 1 * 3, dtype=np.float32).reshape(4, 1, 3)
+    cache = cache_lib.TeacherCache(path="<memory>", manifest={}, ids=np.arange(10, 14), logits=logits)
+    np.testing.assert_array_equal(cache.lookup([13, 10]), logits[[3, 0], 0])
+    assert cache.num_views == 1 and cache.top_k is None and cache.num_classes == 3
+    assert set(cache.batch_views([11], epoch=0)) == {"teacher_logits"}
+
+
+def test_topk_compress_errors():
+    z = np.zeros((2, 5))
+    for k in (0, 5, 2.0, True):
+        with pytest.raises(ValueError, match="top_k must be an int in"):
+            cache_lib.topk_compress(z, k, 4.0)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        cache_lib.topk_compress(z, 2, 0.0)
+
+
+@pytest.fixture(scope="module")
+def topk_cache(tmp_path_factory, teacher_and_cache):
+    teacher_wd, _ = teacher_and_cache
+    path = str(tmp_path_factory.mktemp("topk"))
+    # the temperature comes from the config's hinton_kd method (digits: T=4)
+    cache_lib.build_teacher_cache(small_config(**{"teacher.workdir": teacher_wd}), None, path, batch_size=100, top_k=3)
+    return path
+
+
+def test_topk_cache_holds_the_teachers_fkd_labels(teacher_and_cache, topk_cache):
+    _, dense_path = teacher_and_cache
+    dense, top = cache_lib.open_teacher_cache(dense_path), cache_lib.open_teacher_cache(topk_cache)
+    m = top.manifest
+    assert m["format"] == cache_lib.TOPK_FORMAT and m["logits"]["top_k"] == 3 == top.top_k
+    assert m["logits"]["temperature"] == 4.0 and m["logits"]["num_classes"] == 10 == top.num_classes
+    n = len(dense.ids)
+    assert top.logits.shape == (n, 1, 3) and top.indices.shape == (n, 1, 3) and top.rest.shape == (n, 1)
+    assert top.indices.dtype == np.int16
+    np.testing.assert_array_equal(top.ids, dense.ids)
+    exact = dense.lookup(dense.ids)
+    got = top.lookup(dense.ids[::-1])[::-1]  # any order
+    np.testing.assert_allclose(_softmax(got, 4.0), _fkd_label(exact, 3, 4.0), rtol=1e-4, atol=1e-7)
+    np.testing.assert_array_equal(got.argmax(-1), exact.argmax(-1))
+    mass = np.sort(_softmax(exact, 4.0), -1)[:, -3:].sum(-1)
+    assert m["logits"]["top_k_mass"]["mean"] == pytest.approx(mass.mean(), rel=1e-5)
+    assert m["logits"]["top_k_mass"]["min"] == pytest.approx(mass.min(), rel=1e-5)
+    total = lambda p: sum(os.path.getsize(os.path.join(p, f)) - 128 for f in os.listdir(p) if f.endswith(".npy"))  # noqa: E731
+    # values (3 float32) + classes (3 int16) + rest (1 float32) + id (int64) against 10 float32 + id
+    assert total(topk_cache) == n * (3 * 4 + 3 * 2 + 4 + 8) and total(dense_path) == n * (10 * 4 + 8)
+
+
+def test_kd_from_topk_cache_trains_and_needs_its_temperature(tmp_path, teacher_and_cache, topk_cache):
+    teacher_wd, _ = teacher_and_cache
+    summary = train_and_evaluate(small_config(**{"teacher.workdir": teacher_wd, "teacher.cache": topk_cache}),
+                                 str(tmp_path / "run"))
+    # it learns (chance 0.1; one epoch from a one-epoch teacher's top-3 at T=4)
+    assert summary["last_accuracy"] > 0.3 and summary["teacher_accuracy"] is not None
+    with pytest.raises(config_lib.ConfigError, match="top-k cache .top_k=3. spreads .* at T=4, the run distils at T=2"):
+        train_and_evaluate(small_config(**{"teacher.workdir": teacher_wd, "teacher.cache": topk_cache,
+                                           "method.temperature": 2.0}), str(tmp_path / "t2"))
+    stages = [{"num_epochs": 1, "method": {"name": "hinton_kd", "temperature": 4.0}},
+              {"num_epochs": 1, "method": {"name": "hinton_kd", "temperature": 8.0}}]
+    with pytest.raises(config_lib.ConfigError, match="run distils at T=8"):
+        train_and_evaluate(small_config(**{"teacher.workdir": teacher_wd, "teacher.cache": topk_cache,
+                                           "stages": stages}), str(tmp_path / "stages"))
+    # Label Refinery reads the refinery's softmax at T=1
+    with pytest.raises(config_lib.ConfigError, match="run distils at T=1;"):
+        train_and_evaluate(small_config(**{"teacher.workdir": teacher_wd, "teacher.cache": topk_cache,
+                                           "method": {"name": "label_refinery"}}), str(tmp_path / "lr"))
+
+
+def test_topk_cache_build_options_and_errors(tmp_path, teacher_and_cache):
+    teacher_wd, _ = teacher_and_cache
+    cfg = small_config(**{"teacher.workdir": teacher_wd})
+    path = str(tmp_path / "c")
+    m = cache_lib.build_teacher_cache(cfg, None, path, top_k=2, temperature=1.5, dtype="float16")
+    c16 = cache_lib.open_teacher_cache(path)
+    assert m["logits"]["temperature"] == 1.5 and c16.logits.dtype == c16.rest.dtype == np.float16
+    assert 0 < m["logits"]["max_abs_rounding"] < 0.05
+    assert os.path.exists(os.path.join(path, "indices.npy"))
+    # rebuilt as a dense cache in the same folder: the top-k files go
+    cache_lib.build_teacher_cache(cfg, None, path)
+    assert sorted(os.listdir(path)) == ["ids.npy", "logits.npy", "manifest.json"]
+    assert cache_lib.open_teacher_cache(path).top_k is None
+    with pytest.raises(config_lib.ConfigError, match="keeps every one of the 10 classes"):
+        cache_lib.build_teacher_cache(cfg, None, path, top_k=10)
+    with pytest.raises(config_lib.ConfigError, match="positive int"):
+        cache_lib.build_teacher_cache(cfg, None, path, top_k=0)
+    with pytest.raises(config_lib.ConfigError, match="only applies to a top-k cache"):
+        cache_lib.build_teacher_cache(cfg, None, path, temperature=2.0)
+    with pytest.raises(config_lib.ConfigError, match=r"method\(s\) give none: pass temperature \(--temperature T\)"):
+        cache_lib.build_teacher_cache(small_config(**{"teacher.workdir": teacher_wd, "method": {"name": "ce"}}),
+                                      None, path, top_k=2)
+    with open(os.path.join(path, "manifest.json")) as f:
+        manifest = json.load(f)
+    manifest["format"] = 3
+    with open(os.path.join(path, "manifest.json"), "w") as f:
+        json.dump(manifest, f)
+    with pytest.raises(config_lib.ConfigError, match="reads formats 1 and 2"):
+        cache_lib.open_teacher_cache(path)
+
+
+def test_cli_cache_teacher_top_k(tmp_path, teacher_and_cache, capsys):
+    from jaxkd import cli
+    teacher_wd, _ = teacher_and_cache
+    out = str(tmp_path / "cli_topk")
+    cli.run(["cache-teacher", "--config", os.path.join(ROOT, "experiments/configs/digits.py"), "--workdir", out,
+             "--no-progress", "--top-k", "2", "--temperature", "3", "teacher.kwargs={'width': 8}", "data.augment={}",
+             f"teacher.workdir={teacher_wd}"])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["top_k"] == 2 and printed["temperature"] == 3.0 and printed["logits_shape"][1:] == [1, 2]
+    assert 0.2 < printed["top_k_mass"]["min"] <= printed["top_k_mass"]["mean"] <= 1.0

@@ -67,4 +67,5 @@ def label_refinery_recipe(adversarial_eps: float = 0.0, adversarial_fraction: fl
         return kl, {"kd": kl}
 
     return Recipe(name="label_refinery", loss=loss, uses_teacher=True,
-                  teacher_logits_only=adversarial_eps == 0)  # jittering runs the refinery
+                  teacher_logits_only=adversarial_eps == 0,  # jittering runs the refinery
+                  teacher_temperature=1.0)

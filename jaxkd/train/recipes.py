@@ -49,7 +49,8 @@ def hinton_kd_recipe(temperature: float = 4.0, alpha: Any = 0.9, gamma: Any = 0.
                  + alpha_fn(inp.stage_step, inp.stage_progress) * kd)
         return total, {"ce": ce, "kd": kd}
 
-    return Recipe(name="hinton_kd", loss=loss, uses_teacher=True, teacher_logits_only=True)
+    return Recipe(name="hinton_kd", loss=loss, uses_teacher=True, teacher_logits_only=True,
+                  teacher_temperature=float(temperature))
 
 
 # Methods of other families live in jaxkd.methods (they depend only on jaxkd.core).

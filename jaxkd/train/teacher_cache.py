@@ -9,6 +9,20 @@ mean/std). It writes a folder::
     OUT/ids.npy         int64 [N], sorted ascending (the ``id`` of ``train_batches``)
     OUT/manifest.json   what the cache was made from (see :func:`build_teacher_cache`)
 
+With ``top_k=k`` (``jaxkd cache-teacher --top-k k``) the cache keeps, per example and view,
+only the ``k`` largest logits and one "rest" logit shared by the other ``C - k`` classes (see
+:func:`topk_compress`)::
+
+    OUT/logits.npy      float32/float16 [N, V, k]: the k largest logits, largest first
+    OUT/indices.npy     int16 (int32 if C > 32767) [N, V, k]: their classes
+    OUT/rest.npy        float32/float16 [N, V]: the logit every other class gets back
+
+Lookups expand a row back to ``C`` logits (:func:`topk_expand`) whose softmax at the cache's
+temperature ``T`` is the teacher's on the ``k`` classes, with the remaining probability spread
+evenly over the rest: FKD's "marginal smoothing" soft labels (Shen & Xing, ECCV 2022), written
+as logits so that the unchanged Hinton loss reads them. A top-k cache only serves recipes that
+read the teacher's softmax at that ``T`` (``Recipe.teacher_temperature``).
+
 ``V`` is the number of views per example. Without augmentation (``data.augment={}``, the
 default for everything but CIFAR) there is one view, the un-augmented image. For a run that
 augments (random crop with padding, flip), ``num_views=K`` stores K augmented views of every
@@ -59,8 +73,84 @@ from jaxkd import models as models_lib
 from jaxkd.train import checkpoint as ckpt_lib
 from jaxkd.train import step as step_lib
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 1        # dense logits
+TOPK_FORMAT = 2         # top-k logits + rest (older jaxkd versions refuse it instead of misreading it)
 MANIFEST, LOGITS, IDS = "manifest.json", "logits.npy", "ids.npy"
+INDICES, REST = "indices.npy", "rest.npy"
+
+
+# --------------------------------------------------------------------------------------------
+# Top-k storage
+# --------------------------------------------------------------------------------------------
+
+
+def topk_compress(logits, k: int, temperature: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``logits [..., C]`` -> ``(values [..., k], indices [..., k], rest [...])``, float64/int64.
+
+    ``values``/``indices`` are the ``k`` largest logits and their classes, largest first (ties
+    broken by the lower class). ``rest`` is the one logit that, given to each of the other
+    ``C - k`` classes, leaves the softmax's normaliser at temperature ``T`` unchanged::
+
+        rest = T * (logsumexp(z_rest / T) - log(C - k))
+
+    so that ``softmax(topk_expand(...) / T)`` equals ``softmax(z / T)`` on the top ``k`` classes
+    exactly and spreads the remaining mass evenly over the others. At any other temperature the
+    top-k probabilities are only approximate. ``k`` must be in ``[1, C)``.
+    """
+    z = np.asarray(logits, np.float64)
+    c = z.shape[-1]
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k < c:
+        raise ValueError(f"top_k must be an int in [1, {c}) for {c} classes; got {k!r} (store all logits instead)")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0; got {temperature!r}")
+    order = np.argsort(-z, axis=-1, kind="stable")
+    indices = order[..., :k]
+    values = np.take_along_axis(z, indices, axis=-1)
+    others = np.take_along_axis(z, order[..., k:], axis=-1) / temperature
+    top = others.max(axis=-1, keepdims=True)
+    lse = top[..., 0] + np.log(np.exp(others - top).sum(axis=-1))
+    rest = temperature * (lse - np.log(c - k))
+    return values, indices.astype(np.int64), rest
+
+
+def topk_expand(values, indices, rest, num_classes: int) -> np.ndarray:
+    """The dense logits ``[..., C]`` (float32) of a top-k row: ``rest`` everywhere, ``values``
+    at ``indices`` (the inverse of :func:`topk_compress` on the top ``k`` classes)."""
+    values = np.asarray(values, np.float32)
+    out = np.repeat(np.asarray(rest, np.float32)[..., None], num_classes, axis=-1)
+    np.put_along_axis(out, np.asarray(indices, np.int64), values, axis=-1)
+    return out
+
+
+def topk_mass(values, rest, num_classes: int, temperature: float) -> np.ndarray:
+    """How much probability the stored top ``k`` classes hold at ``temperature`` (per row)."""
+    values, rest = np.asarray(values, np.float64) / temperature, np.asarray(rest, np.float64) / temperature
+    top = values.max(axis=-1)
+    log_top = top + np.log(np.exp(values - top[..., None]).sum(axis=-1))
+    log_rest = rest + np.log(num_classes - values.shape[-1])
+    return 1.0 / (1.0 + np.exp(log_rest - log_top))
+
+
+def _index_dtype(num_classes: int):
+    return np.int16 if num_classes <= np.iinfo(np.int16).max else np.int32
+
+
+def teacher_temperatures(recipes) -> list[float | None]:
+    """``Recipe.teacher_temperature`` of each recipe that uses the teacher (``None``: undeclared)."""
+    return [r.teacher_temperature for r in recipes if r.uses_teacher]
+
+
+def config_recipes(config) -> list:
+    """The recipes of the config's stages (``config.stages``, else ``config.method``)."""
+    from jaxkd.train.loop import resolve_stages
+    from jaxkd.train.recipes import build_recipe
+
+    return [build_recipe(config_lib.method_options(st.method)) for st in resolve_stages(config, 1)]
+
+
+# --------------------------------------------------------------------------------------------
+# Stored views
+# --------------------------------------------------------------------------------------------
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:
@@ -173,7 +263,8 @@ def resolved_augmentation(config, dataset_name: str) -> dict:
 
 def build_teacher_cache(config, teacher_workdir: str | None, out_path: str, *, batch_size: int | None = None,
                         progress: bool = False, num_views: int | None = None, view_seed: int = 0,
-                        dtype: str = "float32") -> dict:
+                        dtype: str = "float32", top_k: int | None = None,
+                        temperature: float | None = None) -> dict:
     """Runs ``config.teacher`` once over ``config.data``'s training split; returns the manifest.
 
     ``teacher_workdir`` defaults to ``config.teacher.workdir`` (one teacher); the checkpoint
@@ -195,6 +286,14 @@ def build_teacher_cache(config, teacher_workdir: str | None, out_path: str, *, b
     views: ImageNet x 8 views x 1000 classes is 41 GB in float32). They are rounded to about 3
     significant digits; the manifest records the largest absolute rounding error, and a cache
     whose logits would overflow float16 is refused. Lookups return float32 either way.
+
+    ``top_k=k`` stores only the ``k`` largest logits of each row and one logit for the other
+    classes (:func:`topk_compress`): ``6k + 4`` bytes a row instead of ``4C`` (float16: ``4k +
+    2`` instead of ``2C``; ImageNet with ``k=10``: 42 bytes instead of 2 000). The rest logit is
+    computed at ``temperature`` (default: the temperature at which the config's method reads
+    the teacher, ``Recipe.teacher_temperature``, i.e. Hinton KD's ``T``), and a run must distil
+    at that temperature. The manifest records ``top_k``, ``temperature`` and how much
+    probability the top ``k`` classes hold at that temperature (``top_k_mass`` min/mean).
     """
     if dtype not in ("float32", "float16"):
         raise config_lib.ConfigError(f"dtype must be 'float32' or 'float16'; got {dtype!r}")
@@ -213,6 +312,21 @@ def build_teacher_cache(config, teacher_workdir: str | None, out_path: str, *, b
                                      "without it every view is the same image")
     if isinstance(view_seed, bool) or not isinstance(view_seed, int):
         raise config_lib.ConfigError(f"view_seed must be an int; got {view_seed!r}")
+    if top_k is not None:
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise config_lib.ConfigError(f"top_k must be a positive int; got {top_k!r}")
+        if temperature is None:
+            temps = sorted({t for t in teacher_temperatures(config_recipes(config)) if t is not None})
+            if len(temps) != 1:
+                raise config_lib.ConfigError(
+                    "a top-k cache is made for one distillation temperature; the config's method(s) give "
+                    f"{'none' if not temps else temps}: pass temperature (--temperature T)")
+            temperature = temps[0]
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise config_lib.ConfigError(f"temperature must be a number > 0; got {temperature!r}")
+        temperature = float(temperature)
+    elif temperature is not None:
+        raise config_lib.ConfigError("temperature only applies to a top-k cache (top_k / --top-k)")
     teacher_workdir = teacher_workdir or config.teacher.workdir
     if not isinstance(teacher_workdir, str) or not teacher_workdir:
         raise config_lib.ConfigError("a teacher cache needs one teacher: set config.teacher.workdir "
@@ -243,8 +357,18 @@ def build_teacher_cache(config, teacher_workdir: str | None, out_path: str, *, b
 
     n = len(train_src)
     batch_size = int(batch_size or d.eval_batch_size)
-    logits = np.empty((n, num_views, info.num_classes), np.float32)
+    c = info.num_classes
+    if top_k is not None and top_k >= c:
+        raise config_lib.ConfigError(f"top_k={top_k} keeps every one of the {c} classes; store the full logits "
+                                     "(leave top_k unset) instead")
+    store_dtype = np.dtype(dtype)
+    # held in the stored dtype from the start (an ImageNet-size cache is not materialised in float32)
+    values = np.empty((n, num_views, top_k or c), store_dtype)
+    indices = np.empty((n, num_views, top_k), _index_dtype(c)) if top_k else None
+    rest = np.empty((n, num_views), store_dtype) if top_k else None
+    top_mass = np.empty((n, num_views), np.float64) if top_k else None
     ids = np.empty((n,), np.int64)
+    largest = rounding = 0.0
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -255,8 +379,23 @@ def build_teacher_cache(config, teacher_workdir: str | None, out_path: str, *, b
         for batch in data_lib.eval_batches(train_src, batch_size):
             k = int(batch["mask"].sum())
             offsets, flips = view_params(batch["id"], view, seed=view_seed, **aug)
-            out = np.asarray(forward(batch["image"], offsets, flips))
-            logits[row:row + k, view] = out[:k]
+            out = np.asarray(forward(batch["image"], offsets, flips))[:k]
+            with np.errstate(over="ignore"):  # float16 overflow is refused just below
+                if top_k:
+                    vals, idx, rst = topk_compress(out, top_k, temperature)
+                    values[row:row + k, view], indices[row:row + k, view], rest[row:row + k, view] = vals, idx, rst
+                    top_mass[row:row + k, view] = topk_mass(vals, rst, c, temperature)
+                    written = ((vals, values[row:row + k, view]), (rst, rest[row:row + k, view]))
+                else:
+                    values[row:row + k, view] = out
+                    written = ((out, values[row:row + k, view]),)
+            for exact, stored in written:
+                if exact.size:
+                    largest = max(largest, float(np.abs(exact).max()))
+                    rounding = max(rounding, float(np.abs(stored.astype(np.float64) - exact).max()))
+            if store_dtype == np.float16 and not largest < float(np.finfo(np.float16).max):
+                raise ValueError(f"the teacher's logits reach {largest:g}, beyond float16's range; "
+                                 "keep dtype float32")
             ids[row:row + k] = batch["id"][:k]
             row += k
             if bar is not None:
@@ -264,21 +403,21 @@ def build_teacher_cache(config, teacher_workdir: str | None, out_path: str, *, b
     if bar is not None:
         bar.close()
     order = np.argsort(ids, kind="stable")
-    ids, logits = ids[order], logits[order]
+    ids = ids[order]
     if np.any(np.diff(ids) == 0):
         raise ValueError("the training split has duplicate example ids; a cache keyed by id cannot serve it")
+    arrays = {LOGITS: values[order]}
     logits_info = {"dtype": dtype}
-    if dtype == "float16":
-        largest = float(np.abs(logits).max()) if logits.size else 0.0
-        if not largest < float(np.finfo(np.float16).max):
-            raise ValueError(f"the teacher's logits reach {largest:g}, beyond float16's range; keep dtype float32")
-        stored = logits.astype(np.float16)
-        rounding = np.abs(stored.astype(np.float32) - logits)
-        logits_info["max_abs_rounding"] = float(rounding.max()) if logits.size else 0.0
-        logits = stored
+    if store_dtype == np.float16:
+        logits_info["max_abs_rounding"] = rounding
+    if top_k:
+        arrays[INDICES], arrays[REST] = indices[order], rest[order]
+        logits_info.update(top_k=top_k, temperature=temperature, num_classes=c, indices_file=INDICES,
+                           rest_file=REST, top_k_mass={"min": float(top_mass.min()) if n else None,
+                                                       "mean": float(top_mass.mean()) if n else None})
 
     manifest = {
-        "format": CACHE_FORMAT,
+        "format": TOPK_FORMAT if top_k else CACHE_FORMAT,
         "teacher": {"workdir": teacher_workdir, "checkpoint": config.teacher.checkpoint, **identity,
                     "variables_sha256": variables_hash(variables), "name": config.teacher.name,
                     "kwargs": json.loads(json.dumps(dict(config.teacher.kwargs))),
@@ -289,10 +428,13 @@ def build_teacher_cache(config, teacher_workdir: str | None, out_path: str, *, b
         "augmentation": {"pad": aug["pad"], "flip": aug["flip"]},
         "num_views": num_views,
         "view_seed": view_seed,
-        "logits": {**logits_info, "shape": list(logits.shape), "file": LOGITS, "ids_file": IDS},
+        "logits": {**logits_info, "shape": list(arrays[LOGITS].shape), "file": LOGITS, "ids_file": IDS},
     }
     os.makedirs(out_path, exist_ok=True)
-    for name, array in ((LOGITS, logits), (IDS, ids)):
+    for stale in (INDICES, REST):  # a dense cache rebuilt over a top-k one (or back) leaves nothing behind
+        if stale not in arrays and os.path.exists(os.path.join(out_path, stale)):
+            os.remove(os.path.join(out_path, stale))
+    for name, array in (*arrays.items(), (IDS, ids)):
         _atomic_save(os.path.join(out_path, name), array)
     tmp = os.path.join(out_path, f"{MANIFEST}.tmp{os.getpid()}")
     with open(tmp, "w") as f:
@@ -315,20 +457,33 @@ def _atomic_save(path: str, array: np.ndarray) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class TeacherCache:
-    """An opened cache: ``lookup(ids, views) -> logits [B, C]`` (float32)."""
+    """An opened cache: ``lookup(ids, views) -> logits [B, C]`` (float32).
+
+    A top-k cache (``indices`` and ``rest`` set) holds ``logits [N, V, k]``; lookups expand
+    its rows to ``C`` logits (:func:`topk_expand`)."""
 
     path: str
     manifest: Mapping[str, Any]
     ids: np.ndarray      # sorted int64 [N]
-    logits: np.ndarray   # [N, V, C], memory-mapped
+    logits: np.ndarray   # [N, V, C] (or [N, V, k] for a top-k cache), memory-mapped
+    indices: np.ndarray | None = None  # [N, V, k] classes of a top-k cache
+    rest: np.ndarray | None = None     # [N, V] the other classes' logit
+
+    @property
+    def top_k(self) -> int | None:
+        return None if self.indices is None else int(self.indices.shape[-1])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.manifest["logits"]["num_classes"]) if self.indices is not None else int(self.logits.shape[-1])
 
     @property
     def num_views(self) -> int:
-        return int(self.manifest["num_views"])
+        return int(self.logits.shape[1])
 
     @property
     def augmentation(self) -> dict:
-        return _pad_flip(self.manifest["augmentation"])
+        return _pad_flip(self.manifest.get("augmentation", {}))
 
     def batch_views(self, ids, epoch: int) -> dict[str, np.ndarray]:
         """What the loop adds to a host batch of examples ``ids`` in ``epoch``: their teacher
@@ -354,7 +509,10 @@ class TeacherCache:
         if np.any(missing):
             raise KeyError(f"example id(s) {ids[missing][:5].tolist()} are not in the teacher cache {self.path!r}; "
                            "it was made for another data set or subset")
-        return np.asarray(self.logits[rows, views], dtype=np.float32)
+        if self.indices is None:
+            return np.asarray(self.logits[rows, views], dtype=np.float32)
+        return topk_expand(self.logits[rows, views], self.indices[rows, views], self.rest[rows, views],
+                           self.num_classes)
 
 
 def open_teacher_cache(path: str) -> TeacherCache:
@@ -365,16 +523,23 @@ def open_teacher_cache(path: str) -> TeacherCache:
                                      "`jaxkd cache-teacher --config ... --workdir PATH`")
     with open(manifest_file) as f:
         manifest = json.load(f)
-    if manifest.get("format") != CACHE_FORMAT:
+    if manifest.get("format") not in (CACHE_FORMAT, TOPK_FORMAT):
         raise config_lib.ConfigError(f"config.teacher.cache={path!r} has format {manifest.get('format')!r}; "
-                                     f"this jaxkd reads format {CACHE_FORMAT}: rebuild it")
-    ids = np.load(os.path.join(path, manifest["logits"]["ids_file"]), allow_pickle=False)
-    logits = np.load(os.path.join(path, manifest["logits"]["file"]), mmap_mode="r", allow_pickle=False)
-    if (list(logits.shape) != list(manifest["logits"]["shape"]) or len(ids) != logits.shape[0]
-            or logits.dtype != np.dtype(manifest["logits"].get("dtype", "float32"))):
-        raise config_lib.ConfigError(f"config.teacher.cache={path!r}: {LOGITS}/{IDS} do not match the manifest "
+                                     f"this jaxkd reads formats {CACHE_FORMAT} and {TOPK_FORMAT}: rebuild it")
+    spec = manifest["logits"]
+    ids = np.load(os.path.join(path, spec["ids_file"]), allow_pickle=False)
+    logits = np.load(os.path.join(path, spec["file"]), mmap_mode="r", allow_pickle=False)
+    indices = rest = None
+    if manifest["format"] == TOPK_FORMAT:
+        indices = np.load(os.path.join(path, spec["indices_file"]), mmap_mode="r", allow_pickle=False)
+        rest = np.load(os.path.join(path, spec["rest_file"]), mmap_mode="r", allow_pickle=False)
+    if (list(logits.shape) != list(spec["shape"]) or len(ids) != logits.shape[0]
+            or logits.dtype != np.dtype(spec.get("dtype", "float32"))
+            or (indices is not None and (indices.shape != logits.shape or rest.shape != logits.shape[:2]
+                                         or rest.dtype != logits.dtype))):
+        raise config_lib.ConfigError(f"config.teacher.cache={path!r}: its .npy files do not match the manifest "
                                      f"(shape {list(logits.shape)} {logits.dtype}, {len(ids)} ids); rebuild it")
-    return TeacherCache(path=path, manifest=manifest, ids=ids, logits=logits)
+    return TeacherCache(path=path, manifest=manifest, ids=ids, logits=logits, indices=indices, rest=rest)
 
 
 def cache_mismatches(manifest: Mapping[str, Any], config, info, augmentation: Mapping[str, Any]) -> list[str]:
@@ -432,6 +597,8 @@ def open_for_training(config, info, augmentation: Mapping[str, Any], recipes, tr
 
     Every recipe that uses the teacher must read only ``teacher_logits``
     (``Recipe.teacher_logits_only``); feature methods and BSS (``teacher_apply``) are refused.
+    A top-k cache serves only recipes that read the teacher through a softmax at the
+    temperature it was made for (``Recipe.teacher_temperature``).
     """
     path = config.teacher.cache
     needs_more = sorted({r.name for r in recipes if r.uses_teacher and not getattr(r, "teacher_logits_only", False)})
@@ -446,6 +613,18 @@ def open_for_training(config, info, augmentation: Mapping[str, Any], recipes, tr
                                      "or the list in config.teacher.workdir")
     cache = open_teacher_cache(path)
     diffs = cache_mismatches(cache.manifest, config, info, augmentation)
+    if cache.top_k is not None:
+        t_cache = float(cache.manifest["logits"]["temperature"])
+        temps = teacher_temperatures(recipes)
+        undeclared = sorted({r.name for r in recipes if r.uses_teacher and r.teacher_temperature is None})
+        if undeclared:
+            diffs.append(f"method(s) {undeclared} do not read the teacher through a softmax at a known temperature, "
+                         f"which a top-k cache (top_k={cache.top_k}) needs; use a full-logit cache")
+        other = sorted({t for t in temps if t is not None and not np.isclose(t, t_cache, rtol=1e-6, atol=0)})
+        if other:
+            diffs.append(f"temperature: the top-k cache (top_k={cache.top_k}) spreads the other classes' probability "
+                         f"at T={t_cache:g}, the run distils at T={', '.join(f'{t:g}' for t in other)}; rebuild it "
+                         "with --temperature for this run, or use a full-logit cache")
     if diffs:
         raise config_lib.ConfigError(f"config.teacher.cache={path!r} does not fit this run: " + "; ".join(diffs)
                                      + ". Rebuild it (jaxkd cache-teacher) with this config, or fix the config.")
