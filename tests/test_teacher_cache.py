@@ -503,3 +503,23 @@ def test_cli_cache_teacher_top_k(tmp_path, teacher_and_cache, capsys):
     printed = json.loads(capsys.readouterr().out)
     assert printed["top_k"] == 2 and printed["temperature"] == 3.0 and printed["logits_shape"][1:] == [1, 2]
     assert 0.2 < printed["top_k_mass"]["min"] <= printed["top_k_mass"]["mean"] <= 1.0
+
+
+def test_topk_view_cache_serves_each_views_fkd_label(tmp_path, teacher_and_cache, view_cache):
+    """Top-k and stored views together: every (example, view) row expands to the FKD label of
+    the full-logit view cache's row, and batch_views pairs it with the same crop."""
+    teacher_wd, _ = teacher_and_cache
+    cfg = small_config(**{"teacher.workdir": teacher_wd, "data.augment": {"pad": 1, "flip": True}})
+    path = str(tmp_path / "topk_views")
+    cache_lib.build_teacher_cache(cfg, None, path, batch_size=128, num_views=3, view_seed=11, top_k=2)
+    dense, top = cache_lib.open_teacher_cache(view_cache), cache_lib.open_teacher_cache(path)
+    assert top.logits.shape == (len(dense.ids), 3, 2) and top.rest.shape == (len(dense.ids), 3)
+    ids = dense.ids[::7]
+    for view in range(3):
+        np.testing.assert_allclose(_softmax(top.lookup(ids, view), 4.0), _fkd_label(dense.lookup(ids, view), 2, 4.0),
+                                   rtol=1e-4, atol=1e-7)
+    a, b = dense.batch_views(ids, epoch=5), top.batch_views(ids, epoch=5)
+    np.testing.assert_array_equal(a["aug_offsets"], b["aug_offsets"])
+    np.testing.assert_array_equal(a["aug_flips"], b["aug_flips"])
+    np.testing.assert_allclose(_softmax(b["teacher_logits"], 4.0), _fkd_label(a["teacher_logits"], 2, 4.0),
+                               rtol=1e-4, atol=1e-7)
