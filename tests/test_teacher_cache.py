@@ -523,3 +523,43 @@ def test_topk_view_cache_serves_each_views_fkd_label(tmp_path, teacher_and_cache
     np.testing.assert_array_equal(a["aug_flips"], b["aug_flips"])
     np.testing.assert_allclose(_softmax(b["teacher_logits"], 4.0), _fkd_label(a["teacher_logits"], 2, 4.0),
                                rtol=1e-4, atol=1e-7)
+
+
+EIGHT_DEVICE_CACHE = """
+import os, sys, json
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+import jax, numpy as np
+sys.path.insert(0, os.path.join(os.getcwd(), "tests"))
+from test_teacher_cache import small_config
+from jaxkd import config as config_lib
+from jaxkd.train import teacher_cache as cache_lib
+assert jax.device_count() == 8
+teacher_wd, out = sys.argv[1], sys.argv[2]
+aug = {"teacher.workdir": teacher_wd, "data.augment": {"pad": 1, "flip": True}}
+for n in (1, 8):
+    cache_lib.build_teacher_cache(small_config(**aug, **{"train.num_devices": n}), None, os.path.join(out, str(n)),
+                                  batch_size=64, num_views=2, view_seed=3, top_k=4)
+try:
+    cache_lib.build_teacher_cache(small_config(**aug), None, os.path.join(out, "bad"), batch_size=100, num_views=2)
+except config_lib.ConfigError as e:
+    print("ERROR" + str(e))
+"""
+
+
+def test_cache_built_on_eight_devices_equals_one(tmp_path, teacher_and_cache, data_dir):
+    """The builder splits each batch over the host's devices: 8 forced CPU devices give the
+    1-device cache (same rows, classes and views; values to float32 round-off)."""
+    import subprocess
+    import sys
+    teacher_wd, _ = teacher_and_cache
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAXKD_DATA_DIR=data_dir)
+    proc = subprocess.run([sys.executable, "-c", EIGHT_DEVICE_CACHE, teacher_wd, str(tmp_path)], capture_output=True,
+                          text=True, timeout=300, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "must be divisible by the number of devices (8)" in proc.stdout.split("ERROR", 1)[1]
+    one, eight = (cache_lib.open_teacher_cache(str(tmp_path / n)) for n in ("1", "8"))
+    np.testing.assert_array_equal(one.ids, eight.ids)
+    for view in range(2):  # expanded rows (classes of a near-tie may swap places by round-off)
+        np.testing.assert_allclose(one.lookup(one.ids, view), eight.lookup(one.ids, view), rtol=1e-5, atol=1e-5)
+    assert np.mean(one.indices == eight.indices) > 0.99
+    assert one.manifest["teacher"]["variables_sha256"] == eight.manifest["teacher"]["variables_sha256"]

@@ -269,7 +269,9 @@ def build_teacher_cache(config, teacher_workdir: str | None, out_path: str, *, b
 
     ``teacher_workdir`` defaults to ``config.teacher.workdir`` (one teacher); the checkpoint
     is ``config.teacher.checkpoint``. Batches of ``batch_size`` (default
-    ``config.data.eval_batch_size``); the last one padded and its padding dropped.
+    ``config.data.eval_batch_size``); the last one padded and its padding dropped. Each batch is
+    split over this host's devices (``config.train.num_devices``, default all) as in training,
+    so ``batch_size`` must be divisible by their number; one process builds the cache.
 
     The manifest records: ``teacher`` (work dir, checkpoint kind/step/fingerprint, sha256 of
     the variables, model name and kwargs, its eval accuracy), ``data`` (name, split, subset:
@@ -346,17 +348,28 @@ def build_teacher_cache(config, teacher_workdir: str | None, out_path: str, *, b
     with_workdir.teacher.workdir = teacher_workdir
     variables, meta = load_teacher(with_workdir, teacher, sample)
     pipeline = step_lib.InputPipeline(mean=tuple(info.mean), std=tuple(info.std), **aug)
+    # data-parallel over this host's devices (config.train.num_devices, default all), as training is
+    if jax.process_count() > 1:
+        raise config_lib.ConfigError("a teacher cache is built by one process (over all of its host's devices); "
+                                     "run `jaxkd cache-teacher` once, without --coordinator/--num-processes")
+    mesh = step_lib.make_mesh(config.train.num_devices)
+    batch_size = int(batch_size or d.eval_batch_size)
+    if batch_size % mesh.size:
+        raise config_lib.ConfigError(f"the cache's batch size {batch_size} (--batch-size, default "
+                                     f"data.eval_batch_size) must be divisible by the number of devices ({mesh.size})")
 
-    @functools.partial(jax.jit, compiler_options=eval_compiler_options())
-    def forward(images, offsets, flips):
+    @functools.partial(jax.jit, compiler_options=eval_compiler_options(),
+                       in_shardings=(step_lib.replicated(mesh),) + (step_lib.data_sharding(mesh),) * 3,
+                       out_shardings=step_lib.data_sharding(mesh))
+    def forward(variables, images, offsets, flips):
         # the student's training view: the stored crop/flip (none without augmentation), normalised;
         # the teacher in eval mode
         x = pipeline(None, images, train=True, crop_flip=(offsets, flips))
         logits, _, _ = teacher.apply(variables, x, train=False)
         return logits.astype(jnp.float32)
 
+    variables = jax.device_put(variables, step_lib.replicated(mesh))
     n = len(train_src)
-    batch_size = int(batch_size or d.eval_batch_size)
     c = info.num_classes
     if top_k is not None and top_k >= c:
         raise config_lib.ConfigError(f"top_k={top_k} keeps every one of the {c} classes; store the full logits "
@@ -379,7 +392,8 @@ def build_teacher_cache(config, teacher_workdir: str | None, out_path: str, *, b
         for batch in data_lib.eval_batches(train_src, batch_size):
             k = int(batch["mask"].sum())
             offsets, flips = view_params(batch["id"], view, seed=view_seed, **aug)
-            out = np.asarray(forward(batch["image"], offsets, flips))[:k]
+            inputs = step_lib.shard_batch({"image": batch["image"], "offsets": offsets, "flips": flips}, mesh)
+            out = np.asarray(forward(variables, inputs["image"], inputs["offsets"], inputs["flips"]))[:k]
             with np.errstate(over="ignore"):  # float16 overflow is refused just below
                 if top_k:
                     vals, idx, rst = topk_compress(out, top_k, temperature)
