@@ -563,3 +563,100 @@ def test_cache_built_on_eight_devices_equals_one(tmp_path, teacher_and_cache, da
         np.testing.assert_allclose(one.lookup(one.ids, view), eight.lookup(one.ids, view), rtol=1e-5, atol=1e-5)
     assert np.mean(one.indices == eight.indices) > 0.99
     assert one.manifest["teacher"]["variables_sha256"] == eight.manifest["teacher"]["variables_sha256"]
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _interrupt_at(stop):
+    def hook(view, row):
+        if (view, row) == stop:
+            raise _Interrupt()
+    return hook
+
+
+def _recorder(calls):
+    return lambda view, row: calls.append((view, row))
+
+
+def _same_cache(a_path, b_path):
+    a, b = cache_lib.open_teacher_cache(a_path), cache_lib.open_teacher_cache(b_path)
+    for name in ("ids", "logits", "indices", "rest"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert (x is None) == (y is None), name
+        if x is not None:
+            np.testing.assert_array_equal(x, y, err_msg=name)  # bit for bit
+    strip = lambda m: {k: v for k, v in m.items() if k != "teacher"}  # noqa: E731
+    assert strip(a.manifest) == strip(b.manifest)
+
+
+def test_interrupted_build_resumes_to_the_same_cache(tmp_path, teacher_and_cache, view_cache):
+    teacher_wd, _ = teacher_and_cache
+    cfg = small_config(**{"teacher.workdir": teacher_wd, "data.augment": {"pad": 1, "flip": True}})
+    out = str(tmp_path / "c")
+    kw = dict(batch_size=128, num_views=3, view_seed=11, save_every_s=0.0)
+    with pytest.raises(_Interrupt):  # after view 1's 5th batch is written, before its progress record
+        cache_lib.build_teacher_cache(cfg, None, out, on_batch=_interrupt_at((1, 640)), **kw)
+    assert not os.path.exists(os.path.join(out, "manifest.json"))  # an unfinished cache cannot be opened
+    with pytest.raises(config_lib.ConfigError, match="no manifest.json"):
+        cache_lib.open_teacher_cache(out)
+    with open(os.path.join(out, ".building", "progress.json")) as f:
+        assert {k: v for k, v in json.load(f).items() if k in ("view", "row")} == {"view": 1, "row": 512}
+    calls = []
+    cache_lib.build_teacher_cache(cfg, None, out, on_batch=_recorder(calls), **kw)
+    n = len(cache_lib.open_teacher_cache(view_cache).ids)
+    batches = -(-n // 128)
+    assert calls[0] == (1, 640) and len(calls) == (batches - 4) + batches  # the rest of view 1, all of view 2
+    assert sorted(os.listdir(out)) == ["ids.npy", "logits.npy", "manifest.json"]  # .building is gone
+    _same_cache(out, view_cache)
+    # another plan (here another view seed) does not reuse the partial files
+    with pytest.raises(_Interrupt):
+        cache_lib.build_teacher_cache(cfg, None, str(tmp_path / "d"), on_batch=_interrupt_at((1, 640)), **kw)
+    calls = []
+    cache_lib.build_teacher_cache(cfg, None, str(tmp_path / "d"), on_batch=_recorder(calls), **{**kw, "view_seed": 12})
+    assert calls[0] == (0, 128) and len(calls) == 3 * batches
+
+
+def test_interrupted_float16_topk_build_keeps_its_statistics(tmp_path, teacher_and_cache):
+    teacher_wd, _ = teacher_and_cache
+    cfg = small_config(**{"teacher.workdir": teacher_wd})
+    kw = dict(batch_size=100, top_k=3, dtype="float16", save_every_s=0.0)
+    whole, resumed = str(tmp_path / "whole"), str(tmp_path / "resumed")
+    cache_lib.build_teacher_cache(cfg, None, whole, **kw)
+    with pytest.raises(_Interrupt):
+        cache_lib.build_teacher_cache(cfg, None, resumed, on_batch=_interrupt_at((0, 900)), **kw)
+    cache_lib.build_teacher_cache(cfg, None, resumed, **kw)
+    _same_cache(whole, resumed)  # incl. max_abs_rounding and top_k_mass in the manifest
+
+
+KILLED_BUILD = """
+import os, signal, sys
+sys.path.insert(0, os.path.join(os.getcwd(), "tests"))
+from test_teacher_cache import small_config
+from jaxkd.train import teacher_cache as cache_lib
+
+def kill(view, row):
+    if (view, row) == (1, 640):  # rows written, progress record not: the worst moment
+        os.kill(os.getpid(), signal.SIGKILL)
+
+cfg = small_config(**{"teacher.workdir": sys.argv[1], "data.augment": {"pad": 1, "flip": True}})
+cache_lib.build_teacher_cache(cfg, None, sys.argv[2], batch_size=128, num_views=3, view_seed=11, save_every_s=0.0,
+                              on_batch=kill)
+"""
+
+
+def test_build_killed_by_sigkill_resumes_to_the_same_cache(tmp_path, teacher_and_cache, view_cache, data_dir):
+    import subprocess
+    import sys
+    teacher_wd, _ = teacher_and_cache
+    out = str(tmp_path / "killed")
+    proc = subprocess.run([sys.executable, "-c", KILLED_BUILD, teacher_wd, out], capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, JAXKD_DATA_DIR=data_dir), cwd=ROOT)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    cfg = small_config(**{"teacher.workdir": teacher_wd, "data.augment": {"pad": 1, "flip": True}})
+    calls = []
+    cache_lib.build_teacher_cache(cfg, None, out, batch_size=128, num_views=3, view_seed=11,
+                                  on_batch=_recorder(calls))
+    assert calls[0] == (1, 640)  # resumed at view 1, batch 5
+    _same_cache(out, view_cache)

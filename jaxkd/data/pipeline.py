@@ -661,10 +661,11 @@ class EvalBatches:
     """
 
     def __init__(self, source: Source, batch_size: int, *, shard_index: int = 0,
-                 shard_count: int = 1):
+                 shard_count: int = 1, start_batch: int = 0):
         self.local_batch_size = _local_batch(batch_size, shard_index, shard_count)
         self.source, self.batch_size = source, batch_size
         self.shard_index, self.shard_count = shard_index, shard_count
+        self.start_batch = start_batch
 
     def __len__(self) -> int:
         return math.ceil(len(self.source) / self.batch_size)
@@ -672,7 +673,7 @@ class EvalBatches:
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         n, b, local = len(self.source), self.batch_size, self.local_batch_size
         lo = self.shard_index * local
-        for k in range(len(self)):
+        for k in range(self.start_batch, len(self)):
             positions = np.arange(k * b + lo, k * b + lo + local, dtype=np.int64)
             mask = positions < n
             batch = self.source.gather(np.minimum(positions, n - 1))
@@ -682,6 +683,8 @@ class EvalBatches:
 
 
 def eval_batches(source: Source, batch_size: int, *, shard_index: int = 0,
-                 shard_count: int = 1) -> EvalBatches:
-    """Fixed-order batches over ``source``, the last one padded, with a boolean ``"mask"``."""
-    return EvalBatches(source, batch_size, shard_index=shard_index, shard_count=shard_count)
+                 shard_count: int = 1, start_batch: int = 0) -> EvalBatches:
+    """Fixed-order batches over ``source``, the last one padded, with a boolean ``"mask"``;
+    ``start_batch`` skips the first batches without reading them (a resumed pass)."""
+    return EvalBatches(source, batch_size, shard_index=shard_index, shard_count=shard_count,
+                       start_batch=start_batch)

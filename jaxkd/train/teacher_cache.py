@@ -59,6 +59,8 @@ import functools
 import hashlib
 import json
 import os
+import shutil
+import time
 from typing import Any, Mapping
 
 import jax
@@ -77,6 +79,7 @@ CACHE_FORMAT = 1        # dense logits
 TOPK_FORMAT = 2         # top-k logits + rest (older jaxkd versions refuse it instead of misreading it)
 MANIFEST, LOGITS, IDS = "manifest.json", "logits.npy", "ids.npy"
 INDICES, REST = "indices.npy", "rest.npy"
+BUILDING, PROGRESS, MASS = ".building", "progress.json", "top_k_mass.npy"  # an unfinished build
 
 
 # --------------------------------------------------------------------------------------------
@@ -264,7 +267,8 @@ def resolved_augmentation(config, dataset_name: str) -> dict:
 def build_teacher_cache(config, teacher_workdir: str | None, out_path: str, *, batch_size: int | None = None,
                         progress: bool = False, num_views: int | None = None, view_seed: int = 0,
                         dtype: str = "float32", top_k: int | None = None,
-                        temperature: float | None = None) -> dict:
+                        temperature: float | None = None, save_every_s: float = 30.0,
+                        on_batch=None) -> dict:
     """Runs ``config.teacher`` once over ``config.data``'s training split; returns the manifest.
 
     ``teacher_workdir`` defaults to ``config.teacher.workdir`` (one teacher); the checkpoint
@@ -296,6 +300,12 @@ def build_teacher_cache(config, teacher_workdir: str | None, out_path: str, *, b
     the teacher, ``Recipe.teacher_temperature``, i.e. Hinton KD's ``T``), and a run must distil
     at that temperature. The manifest records ``top_k``, ``temperature`` and how much
     probability the top ``k`` classes hold at that temperature (``top_k_mass`` min/mean).
+
+    The rows are written to memory-mapped files under ``OUT/.building`` as they are computed,
+    with a progress record every ``save_every_s`` seconds and after each view: a build that
+    is interrupted (killed, out of time) and started again with the same arguments continues
+    from that record, and gives the same cache as an uninterrupted one. ``on_batch(view, row)``
+    is called after each batch's rows are written (a hook for fault-injection tests).
     """
     if dtype not in ("float32", "float16"):
         raise config_lib.ConfigError(f"dtype must be 'float32' or 'float16'; got {dtype!r}")
@@ -375,93 +385,169 @@ def build_teacher_cache(config, teacher_workdir: str | None, out_path: str, *, b
         raise config_lib.ConfigError(f"top_k={top_k} keeps every one of the {c} classes; store the full logits "
                                      "(leave top_k unset) instead")
     store_dtype = np.dtype(dtype)
-    # held in the stored dtype from the start (an ImageNet-size cache is not materialised in float32)
-    values = np.empty((n, num_views, top_k or c), store_dtype)
-    indices = np.empty((n, num_views, top_k), _index_dtype(c)) if top_k else None
-    rest = np.empty((n, num_views), store_dtype) if top_k else None
-    top_mass = np.empty((n, num_views), np.float64) if top_k else None
-    ids = np.empty((n,), np.int64)
-    largest = rounding = 0.0
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=n * num_views, desc=f"teacher logits ({num_views} view{'s' * (num_views > 1)})",
-                   unit="img", unit_scale=True, dynamic_ncols=True)
-    for view in range(num_views):
-        row = 0
-        for batch in data_lib.eval_batches(train_src, batch_size):
-            k = int(batch["mask"].sum())
-            offsets, flips = view_params(batch["id"], view, seed=view_seed, **aug)
-            inputs = step_lib.shard_batch({"image": batch["image"], "offsets": offsets, "flips": flips}, mesh)
-            out = np.asarray(forward(variables, inputs["image"], inputs["offsets"], inputs["flips"]))[:k]
-            with np.errstate(over="ignore"):  # float16 overflow is refused just below
-                if top_k:
-                    vals, idx, rst = topk_compress(out, top_k, temperature)
-                    values[row:row + k, view], indices[row:row + k, view], rest[row:row + k, view] = vals, idx, rst
-                    top_mass[row:row + k, view] = topk_mass(vals, rst, c, temperature)
-                    written = ((vals, values[row:row + k, view]), (rst, rest[row:row + k, view]))
-                else:
-                    values[row:row + k, view] = out
-                    written = ((out, values[row:row + k, view]),)
-            for exact, stored in written:
-                if exact.size:
-                    largest = max(largest, float(np.abs(exact).max()))
-                    rounding = max(rounding, float(np.abs(stored.astype(np.float64) - exact).max()))
-            if store_dtype == np.float16 and not largest < float(np.finfo(np.float16).max):
-                raise ValueError(f"the teacher's logits reach {largest:g}, beyond float16's range; "
-                                 "keep dtype float32")
-            ids[row:row + k] = batch["id"][:k]
-            row += k
-            if bar is not None:
-                bar.update(k)
-    if bar is not None:
-        bar.close()
-    order = np.argsort(ids, kind="stable")
-    ids = ids[order]
-    if np.any(np.diff(ids) == 0):
-        raise ValueError("the training split has duplicate example ids; a cache keyed by id cannot serve it")
-    arrays = {LOGITS: values[order]}
     logits_info = {"dtype": dtype}
-    if store_dtype == np.float16:
-        logits_info["max_abs_rounding"] = rounding
     if top_k:
-        arrays[INDICES], arrays[REST] = indices[order], rest[order]
-        logits_info.update(top_k=top_k, temperature=temperature, num_classes=c, indices_file=INDICES,
-                           rest_file=REST, top_k_mass={"min": float(top_mass.min()) if n else None,
-                                                       "mean": float(top_mass.mean()) if n else None})
-
+        logits_info.update(top_k=top_k, temperature=temperature, num_classes=c, indices_file=INDICES, rest_file=REST)
     manifest = {
         "format": TOPK_FORMAT if top_k else CACHE_FORMAT,
         "teacher": {"workdir": teacher_workdir, "checkpoint": config.teacher.checkpoint, **identity,
                     "variables_sha256": variables_hash(variables), "name": config.teacher.name,
                     "kwargs": json.loads(json.dumps(dict(config.teacher.kwargs))),
                     "accuracy": (meta or {}).get("accuracy")},
-        "data": {**data_identity(config), "num_examples": n, "num_classes": info.num_classes,
-                 "input_shape": list(info.input_shape)},
+        "data": {**data_identity(config), "num_examples": n, "num_classes": c, "input_shape": list(info.input_shape)},
         "normalisation": {"mean": list(info.mean), "std": list(info.std)},
         "augmentation": {"pad": aug["pad"], "flip": aug["flip"]},
         "num_views": num_views,
         "view_seed": view_seed,
-        "logits": {**logits_info, "shape": list(arrays[LOGITS].shape), "file": LOGITS, "ids_file": IDS},
+        "logits": {**logits_info, "shape": [n, num_views, top_k or c], "file": LOGITS, "ids_file": IDS},
     }
-    os.makedirs(out_path, exist_ok=True)
-    for stale in (INDICES, REST):  # a dense cache rebuilt over a top-k one (or back) leaves nothing behind
-        if stale not in arrays and os.path.exists(os.path.join(out_path, stale)):
-            os.remove(os.path.join(out_path, stale))
-    for name, array in (*arrays.items(), (IDS, ids)):
-        _atomic_save(os.path.join(out_path, name), array)
-    tmp = os.path.join(out_path, f"{MANIFEST}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=2)
-    os.replace(tmp, os.path.join(out_path, MANIFEST))  # written last: a cache without it is incomplete
+    # The rows go straight into memory-mapped files under OUT/.building (an ImageNet-size cache is
+    # never held in memory), with a progress record saved every ``save_every_s`` seconds and after
+    # each view. An interrupted build that is started again with the same plan (everything in the
+    # manifest, the batch size and the number of devices) continues from the last record, and
+    # the rows it recomputes are the ones the first attempt would have written.
+    shapes = {LOGITS: ((n, num_views, top_k or c), store_dtype), IDS: ((n,), np.int64)}
+    if top_k:
+        shapes.update({INDICES: ((n, num_views, top_k), _index_dtype(c)), REST: ((n, num_views), store_dtype),
+                       MASS: ((n, num_views), np.float64)})
+    plan = json.dumps({"manifest": manifest, "batch_size": batch_size, "devices": mesh.size}, sort_keys=True)
+    work = _PartialBuild(os.path.join(out_path, BUILDING), hashlib.sha256(plan.encode()).hexdigest(), shapes)
+    arrays = work.arrays
+    if work.view or work.row:
+        import sys
+        print(f"jaxkd: resuming the unfinished cache build in {work.folder} at view {work.view}, row {work.row} "
+              f"of {n}", file=sys.stderr, flush=True)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=n * num_views, initial=min(work.view * n + work.row, n * num_views),
+                   desc=f"teacher logits ({num_views} view{'s' * (num_views > 1)})", unit="img", unit_scale=True,
+                   dynamic_ncols=True)
+    last_save = time.monotonic()
+    for view in range(work.view, num_views):
+        first = work.row // batch_size if view == work.view else 0
+        row = first * batch_size
+        for batch in data_lib.eval_batches(train_src, batch_size, start_batch=first):
+            k = int(batch["mask"].sum())
+            offsets, flips = view_params(batch["id"], view, seed=view_seed, **aug)
+            inputs = step_lib.shard_batch({"image": batch["image"], "offsets": offsets, "flips": flips}, mesh)
+            out = np.asarray(forward(variables, inputs["image"], inputs["offsets"], inputs["flips"]))[:k]
+            rows = slice(row, row + k)
+            with np.errstate(over="ignore"):  # float16 overflow is refused just below
+                if top_k:
+                    vals, idx, rst = topk_compress(out, top_k, temperature)
+                    arrays[LOGITS][rows, view], arrays[INDICES][rows, view], arrays[REST][rows, view] = vals, idx, rst
+                    arrays[MASS][rows, view] = topk_mass(vals, rst, c, temperature)
+                    written = ((vals, arrays[LOGITS][rows, view]), (rst, arrays[REST][rows, view]))
+                else:
+                    arrays[LOGITS][rows, view] = out
+                    written = ((out, arrays[LOGITS][rows, view]),)
+            for exact, stored in written:
+                if exact.size:
+                    work.largest = max(work.largest, float(np.abs(exact).max()))
+                    work.rounding = max(work.rounding, float(np.abs(np.asarray(stored, np.float64) - exact).max()))
+            if store_dtype == np.float16 and not work.largest < float(np.finfo(np.float16).max):
+                raise ValueError(f"the teacher's logits reach {work.largest:g}, beyond float16's range; "
+                                 "keep dtype float32")
+            arrays[IDS][rows] = batch["id"][:k]
+            row += k
+            if on_batch is not None:  # fault injection in tests: after the rows, before the progress record
+                on_batch(view, row)
+            if bar is not None:
+                bar.update(k)
+            if time.monotonic() - last_save >= save_every_s:
+                work.save(view, row)
+                last_save = time.monotonic()
+        work.save(view + 1, 0)
+    if bar is not None:
+        bar.close()
+
+    if store_dtype == np.float16:
+        logits_info["max_abs_rounding"] = work.rounding
+    if top_k:
+        mass = arrays[MASS]
+        logits_info["top_k_mass"] = {"min": float(mass.min()) if n else None, "mean": float(mass.mean()) if n else None}
+    manifest["logits"] = {**logits_info, "shape": manifest["logits"]["shape"], "file": LOGITS, "ids_file": IDS}
+    work.finish(out_path, [name for name in (LOGITS, INDICES, REST) if name in shapes] + [IDS], manifest)
     return manifest
 
 
-def _atomic_save(path: str, array: np.ndarray) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        np.save(f, array, allow_pickle=False)
-    os.replace(tmp, path)
+class _PartialBuild:
+    """The memory-mapped arrays of a cache being built, under ``OUT/.building``, and its progress
+    record (``progress.json``: the plan's hash, the next view and row, the running float16
+    statistics). Opening resumes when the record's plan hash matches, else starts afresh."""
+
+    def __init__(self, folder: str, plan_hash: str, shapes: Mapping[str, tuple]):
+        self.folder, self.plan_hash = folder, plan_hash
+        self.view = self.row = 0
+        self.largest = self.rounding = 0.0
+        record = None
+        try:
+            with open(os.path.join(folder, PROGRESS)) as f:
+                record = json.load(f)
+        except (OSError, ValueError):
+            pass
+        resume = record is not None and record.get("plan") == plan_hash
+        if resume:
+            try:
+                self.arrays = {name: np.lib.format.open_memmap(os.path.join(folder, name), mode="r+")
+                               for name in shapes}
+                resume = all(a.shape == shape and a.dtype == np.dtype(dt)
+                             for a, (shape, dt) in zip(self.arrays.values(), shapes.values()))
+            except (OSError, ValueError):
+                resume = False
+        if resume:
+            self.view, self.row = int(record["view"]), int(record["row"])
+            self.largest, self.rounding = float(record["largest"]), float(record["rounding"])
+            return
+        shutil.rmtree(folder, ignore_errors=True)
+        os.makedirs(folder)
+        self.arrays = {name: np.lib.format.open_memmap(os.path.join(folder, name), mode="w+", dtype=dt, shape=shape)
+                       for name, (shape, dt) in shapes.items()}
+
+    def save(self, view: int, row: int) -> None:
+        for a in self.arrays.values():
+            a.flush()
+        record = {"plan": self.plan_hash, "view": view, "row": row, "largest": self.largest,
+                  "rounding": self.rounding}
+        tmp = os.path.join(self.folder, f"{PROGRESS}.tmp{os.getpid()}")
+        with open(tmp, "w") as f:
+            json.dump(record, f)
+        os.replace(tmp, os.path.join(self.folder, PROGRESS))
+        self.view, self.row = view, row
+
+    def finish(self, out_path: str, names: list[str], manifest: dict) -> None:
+        """Sorts the rows by id into ``out_path`` and writes the manifest last."""
+        ids = np.asarray(self.arrays[IDS])
+        order = np.argsort(ids, kind="stable")
+        if np.any(np.diff(ids[order]) == 0):
+            raise ValueError("the training split has duplicate example ids; a cache keyed by id cannot serve it")
+        final = os.path.join(out_path, MANIFEST)
+        if os.path.exists(final):  # files of an older cache are about to be replaced: it is no longer whole
+            os.remove(final)
+        for stale in (INDICES, REST):  # a dense cache rebuilt over a top-k one (or back) leaves nothing behind
+            if stale not in names and os.path.exists(os.path.join(out_path, stale)):
+                os.remove(os.path.join(out_path, stale))
+        in_order = bool(np.all(order == np.arange(len(ids))))
+        for name in names:
+            src = self.arrays[name]
+            src.flush()
+            if in_order:  # the usual case: the split is read in id order, and the file is only renamed
+                os.replace(os.path.join(self.folder, name), os.path.join(out_path, name))
+                continue
+            tmp = os.path.join(out_path, f"{name}.tmp{os.getpid()}")
+            dst = np.lib.format.open_memmap(tmp, mode="w+", dtype=src.dtype, shape=src.shape)
+            for lo in range(0, len(order), 65536):
+                dst[lo:lo + 65536] = src[order[lo:lo + 65536]]
+            dst.flush()
+            del dst
+            os.replace(tmp, os.path.join(out_path, name))
+        self.arrays = {}
+        shutil.rmtree(self.folder, ignore_errors=True)
+        tmp = os.path.join(out_path, f"{MANIFEST}.tmp{os.getpid()}")
+        with open(tmp, "w") as f:
+            json.dump(manifest, f, indent=2)
+        os.replace(tmp, final)  # written last: a cache without it is incomplete
 
 
 # --------------------------------------------------------------------------------------------
