@@ -72,7 +72,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="storage of the logits (float16: half the size, ~3 significant digits)")
     ct.add_argument("--top-k", type=int, default=None,
                     help="store only the K largest logits per example and view, plus one logit for the other "
-                         "classes (about C/(2K) times smaller; serves hinton_kd at --temperature only)")
+                         "classes (6K+4 bytes a row instead of 4C; float16: 4K+2 instead of 2C); serves only "
+                         "methods that read the teacher's softmax at --temperature (hinton_kd; label_refinery "
+                         "at 1)")
     ct.add_argument("--temperature", type=float, default=None,
                     help="with --top-k: the distillation temperature the cache is made for (default: the "
                          "config's hinton_kd temperature)")

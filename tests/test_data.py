@@ -327,6 +327,11 @@ def test_eval_batches_pad_and_mask():
     ids = _ids(batches)
     np.testing.assert_array_equal(ids[:10], np.arange(10))
     np.testing.assert_array_equal(ids[10:], [-1, -1])
+    # A resumed pass starts at a batch and yields the same batches from there on.
+    later = list(eval_batches(source, 4, start_batch=1))
+    assert len(later) == 2 == len(eval_batches(source, 4, start_batch=1))
+    np.testing.assert_array_equal(_ids(later), ids[4:])
+    assert len(eval_batches(source, 4, start_batch=3)) == 0 == len(list(eval_batches(source, 4, start_batch=3)))
     # Sharded: each process gets its half of every global batch; together all examples once.
     shards = [list(eval_batches(source, 4, shard_index=i, shard_count=2)) for i in range(2)]
     real = np.concatenate([b["id"][b["mask"]] for s in shards for b in s])

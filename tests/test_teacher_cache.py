@@ -610,12 +610,13 @@ def test_interrupted_build_resumes_to_the_same_cache(tmp_path, teacher_and_cache
     assert calls[0] == (1, 640) and len(calls) == (batches - 4) + batches  # the rest of view 1, all of view 2
     assert sorted(os.listdir(out)) == ["ids.npy", "logits.npy", "manifest.json"]  # .building is gone
     _same_cache(out, view_cache)
-    # another plan (here another view seed) does not reuse the partial files
-    with pytest.raises(_Interrupt):
-        cache_lib.build_teacher_cache(cfg, None, str(tmp_path / "d"), on_batch=_interrupt_at((1, 640)), **kw)
-    calls = []
-    cache_lib.build_teacher_cache(cfg, None, str(tmp_path / "d"), on_batch=_recorder(calls), **{**kw, "view_seed": 12})
-    assert calls[0] == (0, 128) and len(calls) == 3 * batches
+    # another plan (another view seed, another batch size) does not reuse the partial files
+    for change, first in (({"view_seed": 12}, (0, 128)), ({"batch_size": 64}, (0, 64))):
+        with pytest.raises(_Interrupt):
+            cache_lib.build_teacher_cache(cfg, None, str(tmp_path / "d"), on_batch=_interrupt_at((1, 640)), **kw)
+        calls = []
+        cache_lib.build_teacher_cache(cfg, None, str(tmp_path / "d"), on_batch=_recorder(calls), **{**kw, **change})
+        assert calls[0] == first and len(calls) == 3 * -(-n // (change.get("batch_size", 128)))
 
 
 def test_interrupted_float16_topk_build_keeps_its_statistics(tmp_path, teacher_and_cache):
@@ -626,6 +627,13 @@ def test_interrupted_float16_topk_build_keeps_its_statistics(tmp_path, teacher_a
     cache_lib.build_teacher_cache(cfg, None, whole, **kw)
     with pytest.raises(_Interrupt):
         cache_lib.build_teacher_cache(cfg, None, resumed, on_batch=_interrupt_at((0, 900)), **kw)
+    # the record holds the rounding of the rows before it (0-799), carried into the resumed build
+    with open(os.path.join(resumed, ".building", "progress.json")) as f:
+        record = json.load(f)
+    exact = cache_lib.open_teacher_cache(teacher_and_cache[1]).lookup(np.arange(800))  # float32, same batches
+    values, _, rest = cache_lib.topk_compress(exact, 3, 4.0)
+    expected = max(np.abs(values.astype(np.float16) - values).max(), np.abs(rest.astype(np.float16) - rest).max())
+    assert record["row"] == 800 and record["rounding"] == pytest.approx(expected, rel=1e-9)
     cache_lib.build_teacher_cache(cfg, None, resumed, **kw)
     _same_cache(whole, resumed)  # incl. max_abs_rounding and top_k_mass in the manifest
 
@@ -660,3 +668,66 @@ def test_build_killed_by_sigkill_resumes_to_the_same_cache(tmp_path, teacher_and
                                   on_batch=_recorder(calls))
     assert calls[0] == (1, 640)  # resumed at view 1, batch 5
     _same_cache(out, view_cache)
+
+
+def _failing_replace(monkeypatch, should_fail):
+    """``os.replace`` that raises once for the first (src, dst) ``should_fail`` accepts."""
+    real, state = os.replace, {"failed": False}
+
+    def replace(src, dst, *a, **k):
+        if not state["failed"] and should_fail(str(src), str(dst)):
+            state["failed"] = True
+            raise _Interrupt()
+        return real(src, dst, *a, **k)
+    monkeypatch.setattr(cache_lib.os, "replace", replace)
+    return state
+
+
+def test_crash_while_moving_the_finished_files_only_completes_the_move(tmp_path, teacher_and_cache, view_cache,
+                                                                        monkeypatch):
+    teacher_wd, _ = teacher_and_cache
+    cfg = small_config(**{"teacher.workdir": teacher_wd, "data.augment": {"pad": 1, "flip": True}})
+    out = str(tmp_path / "c")
+    kw = dict(batch_size=128, num_views=3, view_seed=11)
+    state = _failing_replace(monkeypatch, lambda src, dst: dst == os.path.join(out, "ids.npy"))  # after logits.npy
+    with pytest.raises(_Interrupt):
+        cache_lib.build_teacher_cache(cfg, None, out, **kw)
+    monkeypatch.undo()
+    assert state["failed"] and not os.path.exists(os.path.join(out, "manifest.json"))
+    assert os.path.exists(os.path.join(out, "logits.npy"))  # moved before the crash
+    calls = []
+    cache_lib.build_teacher_cache(cfg, None, out, on_batch=_recorder(calls), **kw)
+    assert calls == []  # nothing recomputed
+    _same_cache(out, view_cache)
+    assert not os.path.exists(os.path.join(out, ".building"))
+
+
+def test_partial_build_sorts_rows_read_out_of_id_order_and_survives_a_crash(tmp_path, monkeypatch):
+    """Splits read out of id order: rows are sorted by id inside .building before anything moves,
+    and a crash while sorting leaves the unsorted rows to sort again."""
+    folder, out = str(tmp_path / "out" / ".building"), str(tmp_path / "out")
+    n = 70000  # more than one copy chunk (65,536 rows)
+    shapes = {cache_lib.LOGITS: ((n, 1, 3), np.float32), cache_lib.IDS: ((n,), np.int64)}
+    ids = np.random.default_rng(0).permutation(n) * 3 + 5
+    work = cache_lib._PartialBuild(folder, "plan", shapes)
+    work.arrays[cache_lib.IDS][:] = ids
+    work.arrays[cache_lib.LOGITS][:] = (ids[:, None, None] * np.array([1.0, 2.0, 3.0])).astype(np.float32)
+    work.save(1, 0)
+    names = [cache_lib.LOGITS, cache_lib.IDS]
+    _failing_replace(monkeypatch, lambda src, dst: dst.endswith("sorted_ids.npy"))
+    with pytest.raises(_Interrupt):
+        work.finish(out, names, {"format": 1})
+    monkeypatch.undo()
+    work = cache_lib._PartialBuild(folder, "plan", shapes)  # resumes: the record was not "finishing"
+    assert not work.finishing and work.view == 1
+    np.testing.assert_array_equal(work.arrays[cache_lib.IDS], ids)  # sources untouched
+    work.finish(out, names, {"format": 1})
+    got_ids = np.load(os.path.join(out, "ids.npy"))
+    np.testing.assert_array_equal(got_ids, np.sort(ids))
+    np.testing.assert_array_equal(np.load(os.path.join(out, "logits.npy"))[:, 0, 2], (got_ids * 3).astype(np.float32))
+    assert sorted(os.listdir(out)) == ["ids.npy", "logits.npy", "manifest.json"]
+    # a duplicate id is refused before anything is written
+    work = cache_lib._PartialBuild(str(tmp_path / "dup" / ".building"), "p", {cache_lib.IDS: ((3,), np.int64)})
+    work.arrays[cache_lib.IDS][:] = [4, 1, 4]
+    with pytest.raises(ValueError, match="duplicate example ids"):
+        work.finish(str(tmp_path / "dup"), [cache_lib.IDS], {})

@@ -668,12 +668,16 @@ class EvalBatches:
         self.start_batch = start_batch
 
     def __len__(self) -> int:
+        """The number of batches this pass yields (after ``start_batch``)."""
+        return max(self._num_batches() - self.start_batch, 0)
+
+    def _num_batches(self) -> int:
         return math.ceil(len(self.source) / self.batch_size)
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         n, b, local = len(self.source), self.batch_size, self.local_batch_size
         lo = self.shard_index * local
-        for k in range(self.start_batch, len(self)):
+        for k in range(self.start_batch, self._num_batches()):
             positions = np.arange(k * b + lo, k * b + lo + local, dtype=np.int64)
             mask = positions < n
             batch = self.source.gather(np.minimum(positions, n - 1))

@@ -69,7 +69,7 @@ import ml_collections
 import numpy as np
 
 from jaxkd import config as config_lib
-from jaxkd._xla_defaults import eval_compiler_options
+from jaxkd._xla_defaults import _jaxlib_version, eval_compiler_options
 from jaxkd import data as data_lib
 from jaxkd import models as models_lib
 from jaxkd.train import checkpoint as ckpt_lib
@@ -404,27 +404,31 @@ def build_teacher_cache(config, teacher_workdir: str | None, out_path: str, *, b
     # The rows go straight into memory-mapped files under OUT/.building (an ImageNet-size cache is
     # never held in memory), with a progress record saved every ``save_every_s`` seconds and after
     # each view. An interrupted build that is started again with the same plan (everything in the
-    # manifest, the batch size and the number of devices) continues from the last record, and
-    # the rows it recomputes are the ones the first attempt would have written.
+    # manifest, the batch size, the devices, the jax version and compiler settings) continues
+    # from the last record, and the rows it recomputes are the ones the first attempt would have
+    # written.
     shapes = {LOGITS: ((n, num_views, top_k or c), store_dtype), IDS: ((n,), np.int64)}
     if top_k:
         shapes.update({INDICES: ((n, num_views, top_k), _index_dtype(c)), REST: ((n, num_views), store_dtype),
                        MASS: ((n, num_views), np.float64)})
-    plan = json.dumps({"manifest": manifest, "batch_size": batch_size, "devices": mesh.size}, sort_keys=True)
+    plan = json.dumps({"manifest": manifest, "batch_size": batch_size, "devices": mesh.size,
+                       "device_kind": [mesh.devices.flat[0].platform, mesh.devices.flat[0].device_kind],
+                       "jax": [jax.__version__, _jaxlib_version()], "compiler_options": eval_compiler_options(),
+                       "xla_flags": os.environ.get("XLA_FLAGS", "")}, sort_keys=True)
     work = _PartialBuild(os.path.join(out_path, BUILDING), hashlib.sha256(plan.encode()).hexdigest(), shapes)
     arrays = work.arrays
-    if work.view or work.row:
+    if work.view or work.row or work.finishing:
         import sys
-        print(f"jaxkd: resuming the unfinished cache build in {work.folder} at view {work.view}, row {work.row} "
-              f"of {n}", file=sys.stderr, flush=True)
+        where = "its last step" if work.finishing else f"view {work.view}, row {work.row} of {n}"
+        print(f"jaxkd: resuming the unfinished cache build in {work.folder} at {where}", file=sys.stderr, flush=True)
     bar = None
-    if progress:
+    if progress and not work.finishing:
         from tqdm.auto import tqdm
         bar = tqdm(total=n * num_views, initial=min(work.view * n + work.row, n * num_views),
                    desc=f"teacher logits ({num_views} view{'s' * (num_views > 1)})", unit="img", unit_scale=True,
                    dynamic_ncols=True)
     last_save = time.monotonic()
-    for view in range(work.view, num_views):
+    for view in range(work.view, num_views) if not work.finishing else ():
         first = work.row // batch_size if view == work.view else 0
         row = first * batch_size
         for batch in data_lib.eval_batches(train_src, batch_size, start_batch=first):
@@ -462,12 +466,18 @@ def build_teacher_cache(config, teacher_workdir: str | None, out_path: str, *, b
     if bar is not None:
         bar.close()
 
-    if store_dtype == np.float16:
-        logits_info["max_abs_rounding"] = work.rounding
-    if top_k:
-        mass = arrays[MASS]
-        logits_info["top_k_mass"] = {"min": float(mass.min()) if n else None, "mean": float(mass.mean()) if n else None}
-    manifest["logits"] = {**logits_info, "shape": manifest["logits"]["shape"], "file": LOGITS, "ids_file": IDS}
+    arrays = written = None  # the build's memory maps are closed by finish()
+    if work.finishing:  # the rows were complete and sorted before: only the moves into OUT were left
+        manifest = work.record["manifest"]
+    else:
+        if store_dtype == np.float16:
+            logits_info["max_abs_rounding"] = work.rounding
+        if top_k:
+            mass = work.arrays[MASS]
+            logits_info["top_k_mass"] = {"min": float(mass.min()) if n else None,
+                                         "mean": float(mass.mean()) if n else None}
+            del mass
+        manifest["logits"] = {**logits_info, "shape": manifest["logits"]["shape"], "file": LOGITS, "ids_file": IDS}
     work.finish(out_path, [name for name in (LOGITS, INDICES, REST) if name in shapes] + [IDS], manifest)
     return manifest
 
@@ -475,18 +485,30 @@ def build_teacher_cache(config, teacher_workdir: str | None, out_path: str, *, b
 class _PartialBuild:
     """The memory-mapped arrays of a cache being built, under ``OUT/.building``, and its progress
     record (``progress.json``: the plan's hash, the next view and row, the running float16
-    statistics). Opening resumes when the record's plan hash matches, else starts afresh."""
+    statistics; once the rows are complete, ``finishing`` and the manifest). Opening resumes when
+    the record's plan hash matches, else starts afresh.
+
+    Finishing is two phases, each safe to interrupt: (1) inside ``.building``, the rows are
+    sorted by id into ``sorted_*`` files when the split was not read in id order (the sources stay
+    as they are until the record says ``finishing``), then the record is saved with the final
+    manifest; (2) the files are moved into OUT (a move already done is skipped), the manifest is
+    written, and ``.building`` is removed. A rerun after a crash in (1) redoes (1) from the
+    rows; after a crash in (2), it only completes (2)."""
 
     def __init__(self, folder: str, plan_hash: str, shapes: Mapping[str, tuple]):
         self.folder, self.plan_hash = folder, plan_hash
         self.view = self.row = 0
         self.largest = self.rounding = 0.0
+        self.finishing, self.record, self.arrays = False, {}, {}
         record = None
         try:
             with open(os.path.join(folder, PROGRESS)) as f:
                 record = json.load(f)
         except (OSError, ValueError):
             pass
+        if record is not None and record.get("plan") == plan_hash and record.get("finishing"):
+            self.finishing, self.record = True, record
+            return
         resume = record is not None and record.get("plan") == plan_hash
         if resume:
             try:
@@ -497,57 +519,70 @@ class _PartialBuild:
             except (OSError, ValueError):
                 resume = False
         if resume:
+            self.record = record
             self.view, self.row = int(record["view"]), int(record["row"])
             self.largest, self.rounding = float(record["largest"]), float(record["rounding"])
             return
+        self.arrays = {}
         shutil.rmtree(folder, ignore_errors=True)
         os.makedirs(folder)
         self.arrays = {name: np.lib.format.open_memmap(os.path.join(folder, name), mode="w+", dtype=dt, shape=shape)
                        for name, (shape, dt) in shapes.items()}
 
-    def save(self, view: int, row: int) -> None:
-        for a in self.arrays.values():
-            a.flush()
-        record = {"plan": self.plan_hash, "view": view, "row": row, "largest": self.largest,
-                  "rounding": self.rounding}
+    def _write_record(self, record: dict) -> None:
         tmp = os.path.join(self.folder, f"{PROGRESS}.tmp{os.getpid()}")
         with open(tmp, "w") as f:
             json.dump(record, f)
         os.replace(tmp, os.path.join(self.folder, PROGRESS))
+        self.record = record
+
+    def save(self, view: int, row: int) -> None:
+        for a in self.arrays.values():
+            a.flush()
+        self._write_record({"plan": self.plan_hash, "view": view, "row": row, "largest": self.largest,
+                            "rounding": self.rounding})
         self.view, self.row = view, row
 
     def finish(self, out_path: str, names: list[str], manifest: dict) -> None:
-        """Sorts the rows by id into ``out_path`` and writes the manifest last."""
-        ids = np.asarray(self.arrays[IDS])
-        order = np.argsort(ids, kind="stable")
-        if np.any(np.diff(ids[order]) == 0):
-            raise ValueError("the training split has duplicate example ids; a cache keyed by id cannot serve it")
+        """Puts the rows, sorted by id, and then the manifest into ``out_path``."""
+        if not self.finishing:
+            ids = np.array(self.arrays[IDS])
+            order = np.argsort(ids, kind="stable")
+            if np.any(np.diff(ids[order]) == 0):
+                raise ValueError("the training split has duplicate example ids; a cache keyed by id cannot serve it")
+            in_order = bool(np.all(order == np.arange(len(ids))))
+            for name in names:
+                src = self.arrays[name]
+                src.flush()
+                if in_order:  # the usual case: the split is read in id order; the files are final
+                    continue
+                tmp = os.path.join(self.folder, f"sorted_{name}.tmp")
+                dst = np.lib.format.open_memmap(tmp, mode="w+", dtype=src.dtype, shape=src.shape)
+                for lo in range(0, len(order), 65536):
+                    dst[lo:lo + 65536] = src[order[lo:lo + 65536]]
+                dst.flush()
+                del dst
+                os.replace(tmp, os.path.join(self.folder, f"sorted_{name}"))
+            src = None
+            self.arrays = {}  # closes the memory maps (the caller holds none)
+            self._write_record({**self.record, "plan": self.plan_hash, "finishing": True, "sorted": not in_order,
+                                "manifest": manifest})
+        prefix = "sorted_" if self.record.get("sorted") else ""
         final = os.path.join(out_path, MANIFEST)
         if os.path.exists(final):  # files of an older cache are about to be replaced: it is no longer whole
             os.remove(final)
         for stale in (INDICES, REST):  # a dense cache rebuilt over a top-k one (or back) leaves nothing behind
             if stale not in names and os.path.exists(os.path.join(out_path, stale)):
                 os.remove(os.path.join(out_path, stale))
-        in_order = bool(np.all(order == np.arange(len(ids))))
         for name in names:
-            src = self.arrays[name]
-            src.flush()
-            if in_order:  # the usual case: the split is read in id order, and the file is only renamed
-                os.replace(os.path.join(self.folder, name), os.path.join(out_path, name))
-                continue
-            tmp = os.path.join(out_path, f"{name}.tmp{os.getpid()}")
-            dst = np.lib.format.open_memmap(tmp, mode="w+", dtype=src.dtype, shape=src.shape)
-            for lo in range(0, len(order), 65536):
-                dst[lo:lo + 65536] = src[order[lo:lo + 65536]]
-            dst.flush()
-            del dst
-            os.replace(tmp, os.path.join(out_path, name))
-        self.arrays = {}
-        shutil.rmtree(self.folder, ignore_errors=True)
+            src = os.path.join(self.folder, prefix + name)
+            if os.path.exists(src):  # else moved by an earlier, interrupted finish
+                os.replace(src, os.path.join(out_path, name))
         tmp = os.path.join(out_path, f"{MANIFEST}.tmp{os.getpid()}")
         with open(tmp, "w") as f:
             json.dump(manifest, f, indent=2)
-        os.replace(tmp, final)  # written last: a cache without it is incomplete
+        os.replace(tmp, final)  # after the files: a cache without it is incomplete
+        shutil.rmtree(self.folder, ignore_errors=True)  # a leftover .building is cleared by the next build
 
 
 # --------------------------------------------------------------------------------------------
