@@ -31,9 +31,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from cache_views_study import CONFIG, CROPS, _fmt, _run  # noqa: E402
+from cache_views_study import _fmt, _run, setup  # noqa: E402
 from jaxkd import config as config_lib  # noqa: E402
-from jaxkd.experiment import _mean_std as _ms, teacher_config  # noqa: E402
+from jaxkd.experiment import _mean_std as _ms  # noqa: E402
 from jaxkd.train import teacher_cache as cache_lib  # noqa: E402
 
 
@@ -49,17 +49,8 @@ def main():
     seeds = [int(s) for s in args.seeds.split(",")]
     ks = [int(k) for k in args.top_k.split(",")]
     temps = [float(t) for t in args.temperatures.split(",")]
-    base = config_lib.apply_overrides(config_lib.load_config(CONFIG), args.overrides)
-    base.data.num_train_examples = args.num_train
+    base, w, teacher_dir, teacher = setup(args)  # the teacher is trained with crops, the students without
     base.data.augment = {}
-    base.train.progress = False
-    w = os.path.abspath(args.workdir)
-
-    t_cfg = teacher_config(base)
-    t_cfg.data.augment = dict(CROPS)
-    teacher_dir = os.path.join(w, "teacher")
-    print(f"teacher {t_cfg.model.name} -> {teacher_dir}", flush=True)
-    teacher = _run(t_cfg, teacher_dir)
     with_teacher = config_lib.apply_overrides(base, [f"teacher.workdir={teacher_dir!r}"])
 
     def cache(name, **kw):

@@ -53,6 +53,21 @@ def _run(cfg, workdir):
     return summary
 
 
+def setup(args):
+    """The study's base config (``--num-train`` images, ``overrides``, no progress bars) and its
+    teacher, trained with the crops into ``W/teacher`` unless it is there already:
+    ``(base, W, teacher_dir, teacher summary)``."""
+    base = config_lib.apply_overrides(config_lib.load_config(CONFIG), args.overrides)
+    base.data.num_train_examples = args.num_train
+    base.train.progress = False
+    w = os.path.abspath(args.workdir)
+    t_cfg = teacher_config(base)
+    t_cfg.data.augment = dict(CROPS)
+    teacher_dir = os.path.join(w, "teacher")
+    print(f"teacher {t_cfg.model.name} -> {teacher_dir}", flush=True)
+    return base, w, teacher_dir, _run(t_cfg, teacher_dir)
+
+
 def conditions(views):
     out = [("ce", {"method": {"name": "ce"}, "data.augment": {}}),
            ("ce_aug", {"method": {"name": "ce"}, "data.augment": CROPS}),
@@ -72,16 +87,7 @@ def main():
     args = p.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     views = [int(v) for v in args.views.split(",")]
-    base = config_lib.apply_overrides(config_lib.load_config(CONFIG), args.overrides)
-    base.data.num_train_examples = args.num_train
-    base.train.progress = False
-    w = os.path.abspath(args.workdir)
-
-    t_cfg = teacher_config(base)
-    t_cfg.data.augment = dict(CROPS)
-    teacher_dir = os.path.join(w, "teacher")
-    print(f"teacher {t_cfg.model.name} -> {teacher_dir}", flush=True)
-    teacher = _run(t_cfg, teacher_dir)
+    base, w, teacher_dir, teacher = setup(args)
 
     caches = {}
     for k in views:
