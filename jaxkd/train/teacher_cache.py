@@ -466,7 +466,7 @@ def build_teacher_cache(config, teacher_workdir: str | None, out_path: str, *, b
     if bar is not None:
         bar.close()
 
-    arrays = written = None  # the build's memory maps are closed by finish()
+    arrays = written = stored = None  # views of the build's memory maps; finish() closes them
     if work.finishing:  # the rows were complete and sorted before: only the moves into OUT were left
         manifest = work.record["manifest"]
     else:
