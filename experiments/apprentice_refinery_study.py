@@ -21,7 +21,6 @@ the seeds (and the joint teachers' accuracy for Apprentice).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -30,7 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from jaxkd import config as config_lib  # noqa: E402
-from jaxkd.experiment import preset_config  # noqa: E402
+from jaxkd.experiment import preset_config, write_report  # noqa: E402
 from jaxkd.refinery import refine  # noqa: E402
 from jaxkd.train.loop import train_and_evaluate  # noqa: E402
 
@@ -107,20 +106,16 @@ def main():
         if only and name not in only and not (name in PRESETS + PRETRAINED and "presets" in only):
             continue
         fn()
-        write_report(wd, results, seeds)
+        report(wd, results, seeds)
 
 
-def write_report(wd, results, seeds):
+def report(wd, results, seeds):
     lines = [f"digits, MLP(32) student, CNN teacher, 30 epochs; mean ± std over seeds {seeds} (eval accuracy %)",
              "", "| run | model | seeds | best acc | last acc | teacher / refinery acc |", "|---|---|---|---|---|---|"]
     for name, runs in results.items():
         lines.append(f"| {name} | {runs[0].get('model')} | {len(runs)} | {_ms([r['best_accuracy'] for r in runs])} | "
                      f"{_ms([r['last_accuracy'] for r in runs])} | {_ms([r.get('teacher_accuracy') for r in runs])} |")
-    with open(os.path.join(wd, "report.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(os.path.join(wd, "report.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    print("\n".join(lines), flush=True)
+    write_report(wd, lines, results)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ how much probability the top k classes hold at T (mean over the training example
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -33,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from cache_views_study import _fmt, _run, setup  # noqa: E402
 from jaxkd import config as config_lib  # noqa: E402
-from jaxkd.experiment import _mean_std as _ms  # noqa: E402
+from jaxkd.experiment import _mean_std as _ms, write_report  # noqa: E402
 from jaxkd.train import teacher_cache as cache_lib  # noqa: E402
 
 
@@ -94,13 +93,8 @@ def main():
              "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(_table_row(r))
-    report = "\n".join(lines) + "\n"
-    with open(os.path.join(w, "report.md"), "w") as f:
-        f.write(report)
-    with open(os.path.join(w, "report.json"), "w") as f:
-        json.dump({"teacher": teacher, "dense_cache": dense_manifest["logits"], "rows": rows}, f, indent=2)
     _plot(rows, ks, temps, os.path.join(w, "cache_topk.png"))
-    print(report)
+    write_report(w, lines, {"teacher": teacher, "dense_cache": dense_manifest["logits"], "rows": rows})
 
 
 def _table_row(r) -> str:

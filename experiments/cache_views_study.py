@@ -30,7 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from jaxkd import config as config_lib  # noqa: E402
-from jaxkd.experiment import _mean_std as _ms, teacher_config  # noqa: E402
+from jaxkd.experiment import _mean_std as _ms, teacher_config, write_report  # noqa: E402
 from jaxkd.train import teacher_cache as cache_lib  # noqa: E402
 from jaxkd.train.loop import train_and_evaluate  # noqa: E402
 
@@ -126,13 +126,8 @@ def main():
     for r in rows:
         lines.append(f"| {r['run']} | {r['seeds']} | {_fmt(r['last_mean'], r['last_std'])} | "
                      f"{_fmt(r['best_mean'], r['best_std'])} | {r['images_per_s']:.0f} |")
-    report = "\n".join(lines) + "\n"
-    with open(os.path.join(w, "report.md"), "w") as f:
-        f.write(report)
-    with open(os.path.join(w, "report.json"), "w") as f:
-        json.dump({"teacher": teacher, "rows": rows}, f, indent=2)
     _plot(rows, os.path.join(w, "cache_views.png"))
-    print(report)
+    write_report(w, lines, {"teacher": teacher, "rows": rows})
 
 
 def _plot(rows, path):

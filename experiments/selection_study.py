@@ -29,7 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from jaxkd import config as config_lib  # noqa: E402
-from jaxkd.experiment import _mean_std, compare  # noqa: E402
+from jaxkd.experiment import _mean_std, compare, write_report  # noqa: E402
 
 CONFIG = os.path.join(ROOT, "experiments/configs/digits.py")
 
@@ -79,12 +79,7 @@ def main():
     for r in rows:
         lines.append(f"| {r['regime']} | {r['run']} | {r['num_val']} | {pct(r['test_picked'])} | "
                      f"{pct(r['val_picked'])} | {pct(r['last'])} | {pct(r['optimism'])} |")
-    report = "\n".join(lines) + "\n"
-    with open(os.path.join(w, "report.md"), "w") as f:
-        f.write(report)
-    with open(os.path.join(w, "report.json"), "w") as f:
-        json.dump(rows, f, indent=2)
-    print(report)
+    write_report(w, lines, rows)
 
 
 if __name__ == "__main__":

@@ -94,6 +94,18 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
+def write_report(workdir: str, lines: Sequence[str], data) -> str:
+    """A study's ``report.md`` (``lines``, a Markdown table and its caption) and ``report.json``
+    (``data``) in ``workdir``; prints and returns the Markdown."""
+    report = "\n".join(lines) + "\n"
+    with open(os.path.join(workdir, "report.md"), "w") as f:
+        f.write(report)
+    with open(os.path.join(workdir, "report.json"), "w") as f:
+        json.dump(data, f, indent=2)
+    print(report, flush=True)
+    return report
+
+
 def compare(config: ml_collections.ConfigDict, workdir: str, seeds: Iterable[int] = (0,),
             sweep: dict[str, Sequence] | None = None, progress: bool = True,
             methods: Sequence[str] | None = None) -> list[dict]:
