@@ -46,11 +46,12 @@ def test_missing_teacher_and_config_file(capsys, tmp_path, data_dir):
 
 def test_train_eval_compare(capsys, tmp_path, data_dir):
     wd = str(tmp_path / "t")
-    common = ["train.num_epochs=1", "train.progress=False", "train.tensorboard=False"]
+    common = ["train.num_epochs=1", "train.progress=False", "train.tensorboard=False",
+              "teacher.kwargs={'width': 4, 'hidden': 16}", "model.kwargs={'hidden': (16,)}"]
     code, out, _ = _main(capsys, "train", "--config", DIGITS, "--workdir", wd, "method.name=ce", *common)
     assert code == 0
     summary = json.loads(out[out.index("{"):])
-    code, out, _ = _main(capsys, "eval", "--config", DIGITS, "--workdir", wd, "--checkpoint", "best")
+    code, out, _ = _main(capsys, "eval", "--config", DIGITS, "--workdir", wd, "--checkpoint", "best", *common)
     assert code == 0
     result = json.loads(out[out.index("{"):])
     assert result["accuracy"] == pytest.approx(summary["best_accuracy"])

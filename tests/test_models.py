@@ -292,14 +292,18 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
 @pytest.mark.parametrize("train", [False, True])
 def test_bfloat16_logits_close_to_float32(train):
     """Same float32 variables, bf16 compute (what benchmarks/device_check.py times on GPU):
-    logits within bf16 rounding of the float32 ones (measured max error ~0.4% of max |logit|)."""
+    logits within bf16 rounding of the float32 ones. Measured: max error 0.46-0.62 % of max |logit|
+    over three inputs, eval and train mode (bf16 keeps 8 mantissa bits, 0.39 % per rounding, and
+    resnet8 rounds at every layer); the bound is 1.5 %, and the error must not be zero (the model
+    really computed in bf16)."""
     x = normal(3, (4, 16, 16, 3))
     f32, bf16 = build("resnet8"), build("resnet8", dtype="bfloat16")
-    variables = f32.init(KEY, x)
-    ref = np.asarray(f32.apply(variables, x, train=train)[0])
-    got = bf16.apply(variables, x, train=train)[0]
+    variables = jax.jit(f32.init)(KEY, x)
+    ref = np.asarray(jax.jit(lambda v, x_: f32.apply(v, x_, train=train)[0])(variables, x))
+    got = jax.jit(lambda v, x_: bf16.apply(v, x_, train=train)[0])(variables, x)
     assert got.dtype == jnp.float32
-    np.testing.assert_allclose(np.asarray(got), ref, rtol=0, atol=0.05 * np.abs(ref).max())
+    err = np.abs(np.asarray(got) - ref).max() / np.abs(ref).max()
+    assert 1e-4 < err < 0.015, err
 
 
 # ---------------------------------------------------------------- numerics and state

@@ -16,6 +16,8 @@ from jaxkd.train.loop import train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FROZEN = ("student/bn2", "student/conv2", "student/hidden", "student/fc")
+N = 320  # training digits: 5 steps an epoch
+SPE = N // 64
 
 
 def _first_block_only():
@@ -38,7 +40,8 @@ def _config(**over):
     c.train.progress = c.train.tensorboard = False
     c.stages = [{"name": "warm", "num_epochs": 1, "method": {"name": "first_block"}},
                 {"name": "main", "num_epochs": 2, "method": {"name": "ce"}, "optim": {"lr": 0.02}}]
-    c.train.checkpoint_every_steps = 5
+    c.train.checkpoint_every_steps = 2
+    c.data.num_train_examples = N
     return config_lib.apply_overrides(c, [f"{k}={v!r}" for k, v in over.items()])
 
 
@@ -55,7 +58,7 @@ def _flat(tree, prefix):
 
 def test_frozen_groups_are_bit_for_bit(tmp_path, data_dir, first_block_recipe):
     cfg = _config()
-    steps_per_epoch = 1500 // 64
+    steps_per_epoch = SPE
     wd = str(tmp_path / "a")
     train_and_evaluate(cfg, wd, stop_after_steps=steps_per_epoch)  # exactly the end of stage "warm"
     step, state = _state(wd)
@@ -81,8 +84,8 @@ def test_resume_in_the_middle_of_stage_two(tmp_path, data_dir, first_block_recip
     cfg = _config()
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     train_and_evaluate(cfg, a)
-    steps_per_epoch = 1500 // 64
-    stop = 35  # a checkpoint step (every 5) inside stage "main" (steps 23..68)
+    steps_per_epoch = SPE
+    stop = 8  # a checkpoint step (every 2) inside stage "main" (steps 5..14)
     assert steps_per_epoch < stop < 2 * steps_per_epoch
     train_and_evaluate(cfg, b, stop_after_steps=stop)
     assert _state(b)[0] == stop
@@ -102,8 +105,8 @@ def test_bad_stage_spec(tmp_path, data_dir):
 def test_params_feeding_a_tap():
     """Gradient dependence finds exactly the layers before a tap (resnet8: stem, stage1, stage2)."""
     student = models.create_model("resnet8", 10)
-    sample = jnp.zeros((1, 16, 16, 3))
-    variables = student.init(jax.random.PRNGKey(0), sample)
+    sample = jnp.zeros((1, 8, 8, 3))
+    variables = jax.jit(student.init)(jax.random.PRNGKey(0), sample)
     feeding = step_lib.params_feeding(student, variables, sample, "stage2")
     tops = {p.split("/")[1] for p in feeding}
     assert tops == {"stem_conv", "stem_bn", "stage1_block0", "stage2_block0"}

@@ -31,7 +31,7 @@ SUBDIR = "joint_teacher"
 def initial_variables(config, teacher, sample_input, rng) -> tuple[dict, dict | None]:
     """``(variables, meta)``: the pretrained teacher of ``config.teacher.workdir``, or a fresh init
     (``meta`` None)."""
-    template = teacher.init(rng, sample_input)
+    template = jax.jit(teacher.init)(rng, sample_input)  # (eager Flax init is slow on CPU)
     if not config.teacher.workdir:
         return template, None
     return ckpt_lib.load_model_variables(config.teacher.workdir, template, config.teacher.checkpoint)

@@ -85,7 +85,7 @@ def create_train_state(rng, student: ModelFns, recipes: Recipe | Sequence[Recipe
     """
     recipes = [recipes] if isinstance(recipes, Recipe) else list(recipes)
     init_rng, aux_rng, state_rng = jax.random.split(rng, 3)
-    variables = dict(student.init(init_rng, sample_input))
+    variables = dict(jax.jit(student.init)(init_rng, sample_input))  # (eager Flax init is slow on CPU)
     params = {"student": variables.pop("params"), "aux": {}}
     model_state = {"student": variables, "aux": {}}
     if trainable_teacher_variables is not None:
@@ -95,12 +95,14 @@ def create_train_state(rng, student: ModelFns, recipes: Recipe | Sequence[Recipe
             model_state["aux"].setdefault(coll, {})[JOINT_TEACHER] = tree
     with_aux = [r for r in recipes if r.init_aux is not None]
     if with_aux:
-        _, s_feats, _ = student.apply({"params": params["student"], **variables}, sample_input, train=False)
+        # shapes are all init_aux needs: traced, not run
+        s_feats = jax.eval_shape(lambda v: student.apply(v, sample_input, train=False)[1],
+                                 {"params": params["student"], **variables})
         t_feats = None
         if teacher is not None and teacher_variables is not None:
-            _, t_feats, _ = teacher.apply(teacher_variables, sample_input, train=False)
+            t_feats = jax.eval_shape(lambda v: teacher.apply(v, sample_input, train=False)[1], teacher_variables)
         for i, r in enumerate(with_aux):
-            aux_vars = dict(r.init_aux(jax.random.fold_in(aux_rng, i), s_feats, t_feats))
+            aux_vars = dict(jax.jit(lambda key, r=r: r.init_aux(key, s_feats, t_feats))(jax.random.fold_in(aux_rng, i)))
             aux_params = aux_vars.pop("params")
             clash = set(aux_params) & set(params["aux"])
             if clash:
@@ -167,7 +169,7 @@ def params_feeding(student: ModelFns, variables, sample_input, tap: str) -> froz
             raise ValueError(f"model {student.name!r} has no feature {tap!r}; it has {sorted(feats)}")
         return jnp.sum(jnp.square(feats[tap].astype(jnp.float32)))
 
-    grads = jax.grad(f)(params)
+    grads = jax.jit(jax.grad(f))(params)
     flat, _ = jax.tree_util.tree_flatten_with_path(grads)
     return frozenset("student/" + param_path(p) for p, g in flat if np.any(np.asarray(g) != 0))
 
