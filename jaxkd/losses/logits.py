@@ -136,3 +136,91 @@ def hinton_kd(student_logits: chex.Array, teacher_logits: chex.Array, temperatur
         if mode == "legacy_mean":
             per_example = per_example / student_logits.shape[-1]
     return per_example * (temperature ** 2)
+
+
+# ----------------------------------------------------------------------------- modern logit KD
+# Logit standardisation (Sun et al. 2024), DKD (Zhao et al. 2022) and DIST (Huang et al. 2022).
+# Computation is in float32 (float64 inputs stay float64); teacher logits are not differentiated.
+
+STANDARDIZE_EPS = 1e-7
+
+
+def _compute_dtype(*xs: chex.Array):
+    return jnp.result_type(jnp.float32, *(x.dtype for x in xs))
+
+
+def _check_temperature(temperature) -> None:
+    if isinstance(temperature, (int, float)) and temperature <= 0:
+        raise ValueError(f"temperature must be > 0; got {temperature}")
+
+
+def _check_class_labels(labels: chex.Array, batch: int, num_classes: int) -> None:
+    if getattr(labels, "ndim", None) != 1 or labels.shape[0] != batch:
+        raise ValueError(f"labels must have shape [batch] = [{batch}]; got {getattr(labels, 'shape', None)}")
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise TypeError(f"labels must be integer class indices; got dtype {labels.dtype}")
+    if not isinstance(labels, jax.core.Tracer) and labels.size:
+        # under jit an out-of-range label would select no class at all; checkable only eagerly
+        lo, hi = int(jnp.min(labels)), int(jnp.max(labels))
+        if lo < 0 or hi >= num_classes:
+            raise ValueError(f"labels must be class indices in [0, {num_classes}); got values in [{lo}, {hi}]")
+
+
+def _safe_sqrt(x: chex.Array) -> chex.Array:
+    """``sqrt(x)`` for ``x >= 0`` whose gradient is 0 (not inf/NaN) where ``x == 0``."""
+    positive = x > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1.0)), 0.0)
+
+
+def standardize_logits(logits: chex.Array, eps: float = STANDARDIZE_EPS, axis: int = -1) -> chex.Array:
+    """Z-score of the logits along ``axis`` (logit standardisation, Sun et al. 2024).
+
+    ``z_hat = (z - mean(z)) / (std(z) + eps)`` with the sample standard deviation
+    ``std(z) = sqrt(sum_c (z_c - mean(z))**2 / (C - 1))`` (Bessel's correction, PyTorch's
+    default ``Tensor.std``) and ``eps`` added to the std, not under the square root, as in the
+    authors' ``normalize`` (``mdistiller/distillers/KD.py`` of sunshangquan/logit-standardization-KD).
+
+    The result is unchanged by adding a constant to a row, and by scaling a row by ``a > 0`` up
+    to the ``eps`` term, so the gradient of any loss of ``z_hat`` is orthogonal to the all-ones
+    vector. A constant row maps to zeros; its gradient is finite (``(I - 11^T/C) / eps``, the
+    exact derivative given ``eps``), not NaN.
+
+    Logit-standardised Hinton KD is ``hinton_kd(standardize_logits(s), standardize_logits(t), T)``
+    (the authors' CIFAR-100 runs use ``T = 2`` and a KD weight of 9 with CE weight 0.1);
+    :func:`dkd`, :func:`dist_inter`, :func:`dist_intra` and :func:`dist_loss` take
+    ``standardize=True``.
+
+    Args:
+      logits: float array with at least 2 entries along ``axis`` (usually ``[B, C]``).
+      eps: ``>= 0``, added to the standard deviation.
+      axis: the class axis.
+
+    Returns:
+      Array of the shape of ``logits``, in at least ``float32``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> z = standardize_logits(jnp.array([[1.0, 2.0, 3.0]]))
+      >>> [round(float(v), 4) for v in z[0]]
+      [-1.0, 0.0, 1.0]
+
+    Reference: Sun et al., "Logit Standardization in Knowledge Distillation", CVPR 2024,
+    arXiv:2403.01427.
+    """
+    if not hasattr(logits, "dtype") or not jnp.issubdtype(logits.dtype, jnp.floating):
+        raise TypeError(f"logits must be a floating-point array; got dtype {getattr(logits, 'dtype', None)}")
+    if getattr(logits, "ndim", 0) < 1:
+        raise ValueError(f"logits must have at least one axis; got shape {getattr(logits, 'shape', None)}")
+    try:
+        n = logits.shape[axis]
+    except IndexError:
+        raise ValueError(f"axis {axis} is out of range for logits of shape {logits.shape}") from None
+    if n < 2:
+        raise ValueError(
+            f"logits must have at least 2 entries along axis {axis} (the std uses ddof=1); got shape {logits.shape}")
+    if not isinstance(eps, (int, float)) or eps < 0:
+        raise ValueError(f"eps must be a number >= 0; got {eps!r}")
+    z = logits.astype(_compute_dtype(logits))
+    centred = z - jnp.mean(z, axis=axis, keepdims=True)
+    std = _safe_sqrt(jnp.sum(jnp.square(centred), axis=axis, keepdims=True) / (n - 1))
+    return centred / (std + eps)
