@@ -142,6 +142,7 @@ def hinton_kd(student_logits: chex.Array, teacher_logits: chex.Array, temperatur
 # Logit standardisation (Sun et al. 2024), DKD (Zhao et al. 2022) and DIST (Huang et al. 2022).
 # Computation is in float32 (float64 inputs stay float64); teacher logits are not differentiated.
 
+DIST_EPS = 1e-8
 STANDARDIZE_EPS = 1e-7
 
 
@@ -341,3 +342,101 @@ def dkd(student_logits: chex.Array, teacher_logits: chex.Array, labels: chex.Arr
     """
     tckd, nckd = dkd_terms(student_logits, teacher_logits, labels, temperature, standardize)
     return alpha * tckd + beta * nckd
+
+
+def _pearson(a: chex.Array, b: chex.Array, axis: int, eps: float = DIST_EPS) -> chex.Array:
+    """DIST's Pearson correlation: cosine of the centred vectors, ``<a', b'> / (|a'| |b'| + eps)``."""
+    a = a - jnp.mean(a, axis=axis, keepdims=True)
+    b = b - jnp.mean(b, axis=axis, keepdims=True)
+    norms = _safe_sqrt(jnp.sum(a * a, axis=axis)) * _safe_sqrt(jnp.sum(b * b, axis=axis))
+    return jnp.sum(a * b, axis=axis) / (norms + eps)
+
+
+def dist_inter(student_logits: chex.Array, teacher_logits: chex.Array, temperature: float = 4.0,
+               standardize: bool = False) -> chex.Array:
+    """DIST inter-class relation distance, per example: ``1 - pearson(y_s[i, :], y_t[i, :])``.
+
+    ``y = softmax(z / tau)``; the correlation is taken across the classes of one example, as
+    ``<a', b'> / (|a'| |b'| + 1e-8)`` with ``a' = a - mean(a)`` (the authors' eps). The value
+    is in ``[0, 2]`` and is *not* multiplied by ``tau**2``: the reference applies ``tau**2`` to
+    the whole term, which :func:`dist_loss` does.
+
+    Args:
+      student_logits: ``[B, C]`` float.
+      teacher_logits: ``[B, C]`` float (not differentiated).
+      temperature: ``tau > 0``.
+      standardize: z-score the student and teacher logits first (:func:`standardize_logits`).
+
+    Returns:
+      ``[B]``.
+
+    Reference: Huang et al., "Knowledge Distillation from A Stronger Teacher" (DIST),
+    NeurIPS 2022, arXiv:2205.10536.
+    """
+    s, t = _prepare_pair(student_logits, teacher_logits, temperature, standardize)
+    return 1.0 - _pearson(jax.nn.softmax(s, axis=-1), jax.nn.softmax(t, axis=-1), axis=-1)
+
+
+def dist_intra(student_logits: chex.Array, teacher_logits: chex.Array, temperature: float = 4.0,
+               standardize: bool = False) -> chex.Array:
+    """DIST intra-class relation distance: ``1 - mean_c pearson(y_s[:, c], y_t[:, c])``.
+
+    A **batch-level scalar**, not a per-example value: for each class the correlation runs
+    over the examples of the batch (the columns of ``y = softmax(z / tau)``), so the value of
+    every example depends on the rest of the batch, and its mean over sub-batches is not its
+    value on the whole batch. Under data-parallel sharding it must see the global batch. Not
+    multiplied by ``tau**2`` (see :func:`dist_loss`). A batch of one example gives 1.
+
+    Args:
+      student_logits: ``[B, C]`` float.
+      teacher_logits: ``[B, C]`` float (not differentiated).
+      temperature: ``tau > 0``.
+      standardize: z-score the student and teacher logits first (:func:`standardize_logits`).
+
+    Returns:
+      Scalar.
+
+    Reference: Huang et al., NeurIPS 2022, arXiv:2205.10536.
+    """
+    s, t = _prepare_pair(student_logits, teacher_logits, temperature, standardize)
+    corr = _pearson(jax.nn.softmax(s, axis=-1), jax.nn.softmax(t, axis=-1), axis=0)
+    return 1.0 - jnp.mean(corr)
+
+
+def dist_loss(student_logits: chex.Array, teacher_logits: chex.Array, beta: float = 1.0,
+              gamma: float = 1.0, temperature: float = 4.0,
+              standardize: bool = False) -> tuple[chex.Array, chex.Array]:
+    """DIST loss as ``(beta * tau**2 * dist_inter [B], gamma * tau**2 * dist_intra [])``.
+
+    ``mean(inter) + intra`` is the value of the authors' ``DIST(beta, gamma, tau)`` module
+    (``tau**2 * (beta * inter + gamma * intra)``). The inter part is per example; the intra
+    part is one scalar for the batch (see :func:`dist_intra`), so it cannot be weighted or
+    masked per example. The authors' trainer adds CE with weight 1 and this loss with a KD
+    weight of 2; their CIFAR-100 runs use ``beta = gamma = 1``, ``tau = 4`` and ImageNet
+    ``tau = 1``.
+
+    Args:
+      student_logits: ``[B, C]`` float.
+      teacher_logits: ``[B, C]`` float (not differentiated).
+      beta: weight of the inter-class term.
+      gamma: weight of the intra-class term.
+      temperature: ``tau > 0``.
+      standardize: z-score the student and teacher logits first (:func:`standardize_logits`).
+
+    Returns:
+      ``(inter, intra)``: ``[B]`` and a scalar.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> z = jnp.array([[1.0, 2.0, 3.0], [3.0, 1.0, 0.0]])
+      >>> inter, intra = dist_loss(z, z)
+      >>> # identical logits: perfect correlation, up to the 1e-8 in the denominator
+      >>> round(float(inter.mean() + intra), 3)
+      0.0
+
+    Reference: Huang et al., NeurIPS 2022, arXiv:2205.10536.
+    """
+    scale = temperature ** 2
+    inter = dist_inter(student_logits, teacher_logits, temperature, standardize)
+    intra = dist_intra(student_logits, teacher_logits, temperature, standardize)
+    return beta * scale * inter, gamma * scale * intra
