@@ -1,8 +1,10 @@
 """Pure distillation losses returning per-example values (optax convention)."""
 
 from jaxkd.losses.logits import KD_MODES, cross_entropy, hinton_kd, soft_cross_entropy
+from jaxkd.losses.logits import dist_inter, dist_intra, dist_loss, dkd, dkd_terms, standardize_logits
 
-__all__ = ["KD_MODES", "cross_entropy", "hinton_kd", "soft_cross_entropy"]
+__all__ = ["KD_MODES", "cross_entropy", "hinton_kd", "soft_cross_entropy",
+           "dist_inter", "dist_intra", "dist_loss", "dkd", "dkd_terms", "standardize_logits"]
 
 from jaxkd.losses import features as _features
 from jaxkd.losses.features import *  # noqa: F401,F403  (its __all__ is the public list)

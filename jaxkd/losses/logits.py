@@ -136,3 +136,307 @@ def hinton_kd(student_logits: chex.Array, teacher_logits: chex.Array, temperatur
         if mode == "legacy_mean":
             per_example = per_example / student_logits.shape[-1]
     return per_example * (temperature ** 2)
+
+
+# ----------------------------------------------------------------------------- modern logit KD
+# Logit standardisation (Sun et al. 2024), DKD (Zhao et al. 2022) and DIST (Huang et al. 2022).
+# Computation is in float32 (float64 inputs stay float64); teacher logits are not differentiated.
+
+DIST_EPS = 1e-8
+STANDARDIZE_EPS = 1e-7
+
+
+def _compute_dtype(*xs: chex.Array):
+    return jnp.result_type(jnp.float32, *(x.dtype for x in xs))
+
+
+def _check_temperature(temperature) -> None:
+    if isinstance(temperature, (int, float)) and temperature <= 0:
+        raise ValueError(f"temperature must be > 0; got {temperature}")
+
+
+def _check_class_labels(labels: chex.Array, batch: int, num_classes: int) -> None:
+    if getattr(labels, "ndim", None) != 1 or labels.shape[0] != batch:
+        raise ValueError(f"labels must have shape [batch] = [{batch}]; got {getattr(labels, 'shape', None)}")
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise TypeError(f"labels must be integer class indices; got dtype {labels.dtype}")
+    if not isinstance(labels, jax.core.Tracer) and labels.size:
+        # under jit an out-of-range label would select no class at all; checkable only eagerly
+        lo, hi = int(jnp.min(labels)), int(jnp.max(labels))
+        if lo < 0 or hi >= num_classes:
+            raise ValueError(f"labels must be class indices in [0, {num_classes}); got values in [{lo}, {hi}]")
+
+
+def _safe_sqrt(x: chex.Array) -> chex.Array:
+    """``sqrt(x)`` for ``x >= 0`` whose gradient is 0 (not inf/NaN) where ``x == 0``."""
+    positive = x > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1.0)), 0.0)
+
+
+def standardize_logits(logits: chex.Array, eps: float = STANDARDIZE_EPS, axis: int = -1) -> chex.Array:
+    """Z-score of the logits along ``axis`` (logit standardisation, Sun et al. 2024).
+
+    ``z_hat = (z - mean(z)) / (std(z) + eps)`` with the sample standard deviation
+    ``std(z) = sqrt(sum_c (z_c - mean(z))**2 / (C - 1))`` (Bessel's correction, PyTorch's
+    default ``Tensor.std``) and ``eps`` added to the std, not under the square root, as in the
+    authors' ``normalize`` (``mdistiller/distillers/KD.py`` of sunshangquan/logit-standardization-KD).
+
+    The result is unchanged by adding a constant to a row, and by scaling a row by ``a > 0`` up
+    to the ``eps`` term, so the gradient of any loss of ``z_hat`` is orthogonal to the all-ones
+    vector. A constant row maps to zeros; its gradient is finite (``(I - 11^T/C) / eps``, the
+    exact derivative given ``eps``), not NaN.
+
+    Logit-standardised Hinton KD is ``hinton_kd(standardize_logits(s), standardize_logits(t), T)``
+    (the authors' CIFAR-100 runs use ``T = 2`` and a KD weight of 9 with CE weight 0.1);
+    :func:`dkd`, :func:`dist_inter`, :func:`dist_intra` and :func:`dist_loss` take
+    ``standardize=True``.
+
+    Args:
+      logits: float array with at least 2 entries along ``axis`` (usually ``[B, C]``).
+      eps: ``>= 0``, added to the standard deviation.
+      axis: the class axis.
+
+    Returns:
+      Array of the shape of ``logits``, in at least ``float32``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> z = standardize_logits(jnp.array([[1.0, 2.0, 3.0]]))
+      >>> [round(float(v), 4) for v in z[0]]
+      [-1.0, 0.0, 1.0]
+
+    Reference: Sun et al., "Logit Standardization in Knowledge Distillation", CVPR 2024,
+    arXiv:2403.01427.
+    """
+    if not hasattr(logits, "dtype") or not jnp.issubdtype(logits.dtype, jnp.floating):
+        raise TypeError(f"logits must be a floating-point array; got dtype {getattr(logits, 'dtype', None)}")
+    if getattr(logits, "ndim", 0) < 1:
+        raise ValueError(f"logits must have at least one axis; got shape {getattr(logits, 'shape', None)}")
+    try:
+        n = logits.shape[axis]
+    except IndexError:
+        raise ValueError(f"axis {axis} is out of range for logits of shape {logits.shape}") from None
+    if n < 2:
+        raise ValueError(
+            f"logits must have at least 2 entries along axis {axis} (the std uses ddof=1); got shape {logits.shape}")
+    if not isinstance(eps, (int, float)) or eps < 0:
+        raise ValueError(f"eps must be a number >= 0; got {eps!r}")
+    z = logits.astype(_compute_dtype(logits))
+    centred = z - jnp.mean(z, axis=axis, keepdims=True)
+    std = _safe_sqrt(jnp.sum(jnp.square(centred), axis=axis, keepdims=True) / (n - 1))
+    return centred / (std + eps)
+
+
+def _prepare_pair(student_logits, teacher_logits, temperature, standardize):
+    """Checked, upcast, optionally standardised ``(s / T, stop_gradient(t) / T)``."""
+    _check_pair(student_logits, teacher_logits)
+    _check_temperature(temperature)
+    dtype = _compute_dtype(student_logits, teacher_logits)
+    s = student_logits.astype(dtype)
+    t = jax.lax.stop_gradient(teacher_logits).astype(dtype)
+    if standardize:
+        s, t = standardize_logits(s), standardize_logits(t)
+    return s / temperature, t / temperature
+
+
+def dkd_terms(student_logits: chex.Array, teacher_logits: chex.Array, labels: chex.Array,
+              temperature: float = 4.0, standardize: bool = False) -> tuple[chex.Array, chex.Array]:
+    """The two parts of decoupled KD, per example: ``(tckd, nckd)``, each scaled by ``T**2``.
+
+    With ``p = softmax(z / T)`` and target class ``g = labels[i]``:
+
+    * TCKD (target-class KD): the binary KL between ``b = (p_g, 1 - p_g)`` of teacher and
+      student, ``T**2 * [b_t log(b_t / b_s) + (1 - b_t) log((1 - b_t) / (1 - b_s))]``.
+    * NCKD (non-target-class KD): ``T**2 * KL(p_hat_t || p_hat_s)`` with
+      ``p_hat_c = p_c / (1 - p_g)`` over the classes ``c != g`` (the softmax of the non-target
+      logits alone).
+
+    For ``alpha = beta = 1`` the paper's identity holds:
+    ``hinton_kd = tckd + (1 - p_t[g]) * nckd`` (``p_t[g]`` the teacher's target probability at
+    ``T``). The batch means equal mdistiller's ``tckd_loss`` and ``nckd_loss`` (``kl_div`` with
+    ``size_average=False`` then ``* T**2 / B``).
+
+    Masking: mdistiller removes the target from the NCKD softmax by subtracting 1000 from
+    ``z_g / T``. Here the target class is excluded exactly (``-inf``), so NCKD does not depend
+    on the target logits at all. The two agree to float rounding unless
+    ``(z_g - max_{c != g} z_c) / T`` approaches 1000, where the offset stops hiding the target;
+    the tests show both cases. Everything is computed in log space, so a student that is
+    certain of the target (``p_g -> 1``) gives a finite TCKD, where ``log(1 - p_g)`` of the
+    reference would be ``log 0``.
+
+    Args:
+      student_logits: ``[B, C]`` float, ``C >= 2``.
+      teacher_logits: ``[B, C]`` float (not differentiated).
+      labels: ``[B]`` integer class indices in ``[0, C)`` (range checked only outside jit).
+      temperature: ``T > 0``.
+      standardize: z-score the student and teacher logits first (:func:`standardize_logits`).
+
+    Returns:
+      ``(tckd, nckd)``, two ``[B]`` arrays.
+
+    Reference: Zhao et al., "Decoupled Knowledge Distillation", CVPR 2022, arXiv:2203.08679.
+    """
+    s, t = _prepare_pair(student_logits, teacher_logits, temperature, standardize)
+    num_classes = s.shape[-1]
+    if num_classes < 2:
+        raise ValueError(f"dkd needs at least 2 classes; got student_logits of shape {student_logits.shape}")
+    _check_class_labels(labels, s.shape[0], num_classes)
+    is_target = jax.nn.one_hot(labels, num_classes, dtype=jnp.bool_)
+
+    def parts(z):
+        log_norm = jax.nn.logsumexp(z, axis=-1)
+        z_target = jnp.sum(jnp.where(is_target, z, 0.0), axis=-1)
+        z_other = jnp.where(is_target, -jnp.inf, z)
+        log_norm_other = jax.nn.logsumexp(z_other, axis=-1)
+        log_b = jnp.stack([z_target - log_norm, log_norm_other - log_norm], axis=-1)  # log (p_g, 1 - p_g)
+        log_p_hat = z_other - log_norm_other[:, None]  # -inf at the target
+        return log_b, log_p_hat
+
+    log_b_s, log_p_hat_s = parts(s)
+    log_b_t, log_p_hat_t = parts(t)
+    tckd = jnp.sum(jnp.exp(log_b_t) * (log_b_t - log_b_s), axis=-1)
+    # the target entry would be 0 * (-inf - -inf): replace the -inf before subtracting, so no
+    # NaN appears even in intermediates (jax_debug_nans stays quiet)
+    log_p_hat_t = jnp.where(is_target, 0.0, log_p_hat_t)
+    log_p_hat_s = jnp.where(is_target, 0.0, log_p_hat_s)
+    p_hat_t = jnp.where(is_target, 0.0, jnp.exp(log_p_hat_t))
+    nckd = jnp.sum(p_hat_t * (log_p_hat_t - log_p_hat_s), axis=-1)
+    scale = temperature ** 2
+    return tckd * scale, nckd * scale
+
+
+def dkd(student_logits: chex.Array, teacher_logits: chex.Array, labels: chex.Array,
+        alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0,
+        standardize: bool = False) -> chex.Array:
+    """Decoupled knowledge distillation, per example: ``alpha * tckd + beta * nckd``.
+
+    See :func:`dkd_terms` for the two parts (each scaled by ``T**2``). The batch mean equals
+    mdistiller's ``dkd_loss``. mdistiller's CIFAR-100 recipe adds CE with weight 1 and ramps
+    the DKD term by ``min(epoch / 20, 1)`` (1-based epochs); ``alpha = 1``, ``T = 4``, and
+    ``beta`` depends on the pair: 8 (default: resnet32x4 -> resnet8x4, ShuffleNets, ResNet50
+    -> MobileNetV2, wrn_40_2 -> ShuffleV1), 6 (vgg13 -> vgg8 / MobileNetV2, wrn_40_2 ->
+    wrn_16_2 / wrn_40_1), 2 (resnet56 -> resnet20, resnet110 -> resnet32). ImageNet: ``T = 1``,
+    warm-up 1 epoch, ``beta`` 0.5 (ResNet34 -> ResNet18) or 2 (ResNet50 -> MobileNetV1).
+    With logit standardisation the authors multiply ``alpha`` and ``beta`` by the KD weight
+    (9 for resnet32x4 -> resnet8x4) and use ``T = 2``.
+
+    Args:
+      student_logits: ``[B, C]`` float, ``C >= 2``.
+      teacher_logits: ``[B, C]`` float (not differentiated).
+      labels: ``[B]`` integer class indices in ``[0, C)``.
+      alpha: weight of TCKD.
+      beta: weight of NCKD.
+      temperature: ``T > 0``.
+      standardize: z-score the student and teacher logits first (:func:`standardize_logits`).
+
+    Returns:
+      ``[B]`` per-example loss.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> s = jnp.array([[1.0, 2.0, 3.0]]); y = jnp.array([2])
+      >>> float(dkd(s, s, y)[0])  # identical logits: both KLs are zero
+      0.0
+
+    Reference: Zhao et al., "Decoupled Knowledge Distillation", CVPR 2022, arXiv:2203.08679.
+    """
+    tckd, nckd = dkd_terms(student_logits, teacher_logits, labels, temperature, standardize)
+    return alpha * tckd + beta * nckd
+
+
+def _pearson(a: chex.Array, b: chex.Array, axis: int, eps: float = DIST_EPS) -> chex.Array:
+    """DIST's Pearson correlation: cosine of the centred vectors, ``<a', b'> / (|a'| |b'| + eps)``."""
+    a = a - jnp.mean(a, axis=axis, keepdims=True)
+    b = b - jnp.mean(b, axis=axis, keepdims=True)
+    norms = _safe_sqrt(jnp.sum(a * a, axis=axis)) * _safe_sqrt(jnp.sum(b * b, axis=axis))
+    return jnp.sum(a * b, axis=axis) / (norms + eps)
+
+
+def dist_inter(student_logits: chex.Array, teacher_logits: chex.Array, temperature: float = 4.0,
+               standardize: bool = False) -> chex.Array:
+    """DIST inter-class relation distance, per example: ``1 - pearson(y_s[i, :], y_t[i, :])``.
+
+    ``y = softmax(z / tau)``; the correlation is taken across the classes of one example, as
+    ``<a', b'> / (|a'| |b'| + 1e-8)`` with ``a' = a - mean(a)`` (the authors' eps). The value
+    is in ``[0, 2]`` and is *not* multiplied by ``tau**2``: the reference applies ``tau**2`` to
+    the whole term, which :func:`dist_loss` does.
+
+    Args:
+      student_logits: ``[B, C]`` float.
+      teacher_logits: ``[B, C]`` float (not differentiated).
+      temperature: ``tau > 0``.
+      standardize: z-score the student and teacher logits first (:func:`standardize_logits`).
+
+    Returns:
+      ``[B]``.
+
+    Reference: Huang et al., "Knowledge Distillation from A Stronger Teacher" (DIST),
+    NeurIPS 2022, arXiv:2205.10536.
+    """
+    s, t = _prepare_pair(student_logits, teacher_logits, temperature, standardize)
+    return 1.0 - _pearson(jax.nn.softmax(s, axis=-1), jax.nn.softmax(t, axis=-1), axis=-1)
+
+
+def dist_intra(student_logits: chex.Array, teacher_logits: chex.Array, temperature: float = 4.0,
+               standardize: bool = False) -> chex.Array:
+    """DIST intra-class relation distance: ``1 - mean_c pearson(y_s[:, c], y_t[:, c])``.
+
+    A **batch-level scalar**, not a per-example value: for each class the correlation runs
+    over the examples of the batch (the columns of ``y = softmax(z / tau)``), so the value of
+    every example depends on the rest of the batch, and its mean over sub-batches is not its
+    value on the whole batch. Under data-parallel sharding it must see the global batch. Not
+    multiplied by ``tau**2`` (see :func:`dist_loss`). A batch of one example gives 1.
+
+    Args:
+      student_logits: ``[B, C]`` float.
+      teacher_logits: ``[B, C]`` float (not differentiated).
+      temperature: ``tau > 0``.
+      standardize: z-score the student and teacher logits first (:func:`standardize_logits`).
+
+    Returns:
+      Scalar.
+
+    Reference: Huang et al., NeurIPS 2022, arXiv:2205.10536.
+    """
+    s, t = _prepare_pair(student_logits, teacher_logits, temperature, standardize)
+    corr = _pearson(jax.nn.softmax(s, axis=-1), jax.nn.softmax(t, axis=-1), axis=0)
+    return 1.0 - jnp.mean(corr)
+
+
+def dist_loss(student_logits: chex.Array, teacher_logits: chex.Array, beta: float = 1.0,
+              gamma: float = 1.0, temperature: float = 4.0,
+              standardize: bool = False) -> tuple[chex.Array, chex.Array]:
+    """DIST loss as ``(beta * tau**2 * dist_inter [B], gamma * tau**2 * dist_intra [])``.
+
+    ``mean(inter) + intra`` is the value of the authors' ``DIST(beta, gamma, tau)`` module
+    (``tau**2 * (beta * inter + gamma * intra)``). The inter part is per example; the intra
+    part is one scalar for the batch (see :func:`dist_intra`), so it cannot be weighted or
+    masked per example. The authors' trainer adds CE with weight 1 and this loss with a KD
+    weight of 2; their CIFAR-100 runs use ``beta = gamma = 1``, ``tau = 4`` and ImageNet
+    ``tau = 1``.
+
+    Args:
+      student_logits: ``[B, C]`` float.
+      teacher_logits: ``[B, C]`` float (not differentiated).
+      beta: weight of the inter-class term.
+      gamma: weight of the intra-class term.
+      temperature: ``tau > 0``.
+      standardize: z-score the student and teacher logits first (:func:`standardize_logits`).
+
+    Returns:
+      ``(inter, intra)``: ``[B]`` and a scalar.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> z = jnp.array([[1.0, 2.0, 3.0], [3.0, 1.0, 0.0]])
+      >>> inter, intra = dist_loss(z, z)
+      >>> # identical logits: perfect correlation, up to the 1e-8 in the denominator
+      >>> round(float(inter.mean() + intra), 3)
+      0.0
+
+    Reference: Huang et al., NeurIPS 2022, arXiv:2205.10536.
+    """
+    scale = temperature ** 2
+    inter = dist_inter(student_logits, teacher_logits, temperature, standardize)
+    intra = dist_intra(student_logits, teacher_logits, temperature, standardize)
+    return beta * scale * inter, gamma * scale * intra
