@@ -1,16 +1,23 @@
-"""The types every method is built from: :class:`LossInputs`, :class:`Recipe`, weight schedules.
+"""The types every method is built from: :class:`LossInputs`, :class:`Recipe`, weight schedules,
+and the registry of recipes (:func:`register_recipe`, :func:`build_recipe`).
 
-Kept free of imports from the rest of jaxkd, so method modules (``jaxkd.methods.*``) and the
-train loop can both depend on it.
+Kept free of imports from the rest of jaxkd (but :mod:`jaxkd.errors`), so method modules
+(``jaxkd.methods.*``), a user's config file and the train loop can all depend on it. jaxkd's own
+methods register themselves when :mod:`jaxkd.methods` is imported (the run setup does that);
+a user's method registers from its own module or config file with the same call.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import inspect
 from typing import Any, Callable, Mapping
 
 import chex
 import jax.numpy as jnp
+
+from jaxkd.errors import ConfigError
 
 Array = chex.Array
 
@@ -162,3 +169,111 @@ def make_weight_schedule(spec: Any) -> Callable[..., Array]:
             return value
         return piecewise
     raise ValueError(f"unknown weight schedule type {kind!r}; expected constant, linear, cosine or piecewise")
+
+
+def aux_variables(aux_params, aux_state, name: str) -> dict:
+    """The Flax variables of auxiliary module ``name``: its params and its entries of the other
+    collections (``{"params": ..., "batch_stats": ...}``), as ``module.apply`` takes them."""
+    return {"params": aux_params[name],
+            **{coll: tree[name] for coll, tree in (aux_state or {}).items() if name in tree}}
+
+
+def with_aux_state(aux_state, name: str, collections: Mapping[str, Any]) -> dict:
+    """``aux_state`` with auxiliary module ``name``'s collections replaced by ``collections``
+    (e.g. the batch statistics a train-mode ``apply`` returned); the other modules are untouched."""
+    out = dict(aux_state or {})
+    for coll, tree in collections.items():
+        out[coll] = {**out.get(coll, {}), name: tree}
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The recipe registry
+# --------------------------------------------------------------------------------------------
+
+_RECIPES: dict[str, Callable[..., Recipe]] = {}
+
+
+def _origin(factory) -> tuple:
+    try:
+        where = inspect.getsourcefile(factory)
+    except TypeError:
+        where = None
+    return getattr(factory, "__qualname__", repr(factory)), where
+
+
+def register_recipe(name: str, factory: Callable[..., Recipe] | None = None, *, overwrite: bool = False):
+    """Makes ``config.method.name = name`` build its recipe with ``factory(**options)``.
+
+    The factory's keyword parameters are the method's options, their defaults its defaults:
+    ``config.method`` holds ``name`` plus any of them, and anything else is refused with a
+    suggestion. Usable as a decorator (``@register_recipe("my_kd")``). Registering another
+    factory under a taken name needs ``overwrite=True``; the same function registered again
+    (a config file loaded twice) is fine. Returns the factory.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a recipe name must be a non-empty string; got {name!r}")
+    if factory is None:
+        return lambda f: register_recipe(name, f, overwrite=overwrite)
+    if not callable(factory):
+        raise TypeError(f"the factory of recipe {name!r} must be callable; got {factory!r}")
+    params = inspect.signature(factory).parameters.values()
+    positional = [p.name for p in params if p.kind in (p.VAR_POSITIONAL, p.POSITIONAL_ONLY)
+                  or (p.kind == p.POSITIONAL_OR_KEYWORD and p.default is p.empty)]
+    if positional:
+        raise TypeError(f"the factory of recipe {name!r} must take options by keyword with defaults; "
+                        f"{positional} have none")
+    old = _RECIPES.get(name)
+    if old is not None and not overwrite and _origin(old) != _origin(factory):
+        raise ValueError(f"method {name!r} is already registered (by {_origin(old)[0]}); "
+                         "pass overwrite=True to replace it")
+    _RECIPES[name] = factory
+    return factory
+
+
+def list_recipes() -> list[str]:
+    """The registered method names, sorted (jaxkd's own appear once :mod:`jaxkd.methods` is imported)."""
+    return sorted(_RECIPES)
+
+
+def recipe_factory(name: str) -> Callable[..., Recipe]:
+    """The factory registered as ``name``; :class:`~jaxkd.errors.ConfigError` with a suggestion if none."""
+    if name not in _RECIPES:
+        close = difflib.get_close_matches(str(name), _RECIPES, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"unknown method {name!r}{hint} Available: {', '.join(sorted(_RECIPES))}")
+    return _RECIPES[name]
+
+
+def recipe_options(name: str) -> dict[str, Any]:
+    """The options of method ``name`` with their defaults (from its factory's signature)."""
+    return {p.name: p.default for p in inspect.signature(recipe_factory(name)).parameters.values()
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def build_recipe(method: Mapping[str, Any], where: str = "config.method") -> Recipe:
+    """The recipe of ``method`` (``{"name": ..., **options}``, e.g. ``config.method``).
+
+    An unknown name or option, or a value the factory rejects (``ValueError``/``TypeError``), is a
+    one-line :class:`~jaxkd.errors.ConfigError` naming ``where``.
+    """
+    method = dict(method.to_dict() if hasattr(method, "to_dict") else method)
+    name = method.pop("name", None)
+    try:
+        factory = recipe_factory(name)
+    except ConfigError as e:
+        raise ConfigError(f"{where}.name: {e}") from None
+    options = recipe_options(name)
+    for key in method:
+        if key not in options:
+            close = difflib.get_close_matches(key, options, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            listed = ", ".join(f"{k}={v!r}" for k, v in options.items()) or "none"
+            raise ConfigError(f"{where}: method {name!r} has no option {key!r}{hint} (its options: {listed})")
+    try:
+        recipe = factory(**method)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{where} ({name}): {e}") from None
+    if not isinstance(recipe, Recipe):
+        raise ConfigError(f"{where}: the factory of method {name!r} returned {type(recipe).__name__}, not a Recipe")
+    return recipe

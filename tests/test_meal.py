@@ -209,7 +209,7 @@ def test_meal_v2_run_from_pretrained_student(tmp_path, student):
 
 
 def test_init_from_loads_exact_params_and_errors(tmp_path, student):
-    from jaxkd.train import loop
+    from jaxkd.train import setup as setup_lib
     from jaxkd.models import create_model
     from jaxkd.train import step as step_lib
     import optax
@@ -219,7 +219,7 @@ def test_init_from_loads_exact_params_and_errors(tmp_path, student):
                                         jnp.zeros((1, 8, 8, 1)))
     assert student.endswith("0")  # pytest's tmp dir "student0": "student{seed}" with seed 0
     cfg = _config(**{"model.init_from": student[:-1] + "{seed}", "seed": 0})
-    loaded = loop.init_student_from(cfg, state)
+    loaded = setup_lib.init_student_from(cfg, state)
     # the saved best student, read straight from its Orbax folder (not through the loader under test)
     steps = [int(d) for d in os.listdir(os.path.join(student, "best")) if d.isdigit()]
     saved = ocp.StandardCheckpointer().restore(os.path.join(student, "best", str(max(steps)), "model"))
@@ -227,12 +227,12 @@ def test_init_from_loads_exact_params_and_errors(tmp_path, student):
                  jax.tree.map(np.asarray, saved["params"]))
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, loaded.model_state["student"]),
                  jax.tree.map(np.asarray, saved["model_state"]))
-    assert loop.init_student_from(_config(), state) is state  # unset: unchanged
+    assert setup_lib.init_student_from(_config(), state) is state  # unset: unchanged
     other = step_lib.create_train_state(jax.random.PRNGKey(3), create_model("mlp", 10, hidden=(8,)),
                                         build_recipe({"name": "ce"}), optax.sgd(0.1), jnp.zeros((1, 8, 8, 1)))
     with pytest.raises(config_lib.ConfigError, match="init_from.*shape"):  # checkpoint of another width
-        loop.init_student_from(_config(**{"model.init_from": student}), other)
+        setup_lib.init_student_from(_config(**{"model.init_from": student}), other)
     with pytest.raises(config_lib.ConfigError, match="does not exist"):
-        loop.init_student_from(_config(**{"model.init_from": str(tmp_path / "nowhere")}), state)
+        setup_lib.init_student_from(_config(**{"model.init_from": str(tmp_path / "nowhere")}), state)
     with pytest.raises(config_lib.ConfigError, match="model.init_from"):
         train_and_evaluate(_config(**{"model.init_from": 3}), str(tmp_path / "bad"))

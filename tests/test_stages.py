@@ -29,9 +29,10 @@ def _first_block_only():
                           trainable=lambda path: not path.startswith(FROZEN))
 
 
-@pytest.fixture
-def first_block_recipe(monkeypatch):
-    monkeypatch.setitem(recipes.RECIPES, "first_block", _first_block_only)
+@pytest.fixture(scope="module")
+def first_block_recipe():
+    # registered as a user's config file would (the same function again is fine)
+    recipes.register_recipe("first_block", _first_block_only)
 
 
 def _config(**over):
@@ -98,7 +99,7 @@ def test_bad_stage_spec(tmp_path, data_dir):
     with pytest.raises(config_lib.ConfigError, match=r"stages\[1\].num_epochs"):
         train_and_evaluate(_config(stages=[{"num_epochs": 1, "method": {"name": "ce"}}, {"num_epochs": 0}]),
                            str(tmp_path / "x"))
-    with pytest.raises(config_lib.ConfigError, match=r"stages\[0\].method: unknown method 'cee'"):
+    with pytest.raises(config_lib.ConfigError, match=r"stages\[0\].method.name: unknown method 'cee'; did you mean 'ce'"):
         train_and_evaluate(_config(stages=[{"num_epochs": 1, "method": {"name": "cee"}}]), str(tmp_path / "y"))
 
 

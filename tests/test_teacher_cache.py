@@ -17,6 +17,8 @@ from jaxkd.train import checkpoint as ckpt_lib
 from jaxkd.train import recipes as recipes_lib
 from jaxkd.train import step as step_lib
 from jaxkd.train import teacher_cache as cache_lib
+from jaxkd.train import cache_build
+from jaxkd.train.cache_build import build_teacher_cache
 from jaxkd.train.loop import train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,7 +39,7 @@ def teacher_and_cache(tmp_path_factory, digits_teacher):
     """The session's digits teacher, and its cache."""
     wd = digits_teacher[0]
     cache = str(tmp_path_factory.mktemp("cache"))
-    cache_lib.build_teacher_cache(small_config(**{"teacher.workdir": wd}), None, cache, batch_size=100)
+    build_teacher_cache(small_config(**{"teacher.workdir": wd}), None, cache, batch_size=100)
     return wd, cache
 
 
@@ -159,9 +161,9 @@ def test_cache_with_val_fraction_covers_only_the_examples_trained_on(tmp_path, t
     teacher_wd, _ = teacher_and_cache
     cfg = small_config(**{"teacher.workdir": teacher_wd, "data.val_fraction": 0.2})
     cache = str(tmp_path / "cache")
-    cache_lib.build_teacher_cache(cfg, None, cache, batch_size=100)
+    build_teacher_cache(cfg, None, cache, batch_size=100)
     manifest = json.load(open(os.path.join(cache, "manifest.json")))
-    from jaxkd.train.loop import training_sources
+    from jaxkd.train.setup import training_sources
     _, train_src, val_src, _ = training_sources(cfg)
     assert manifest["data"]["num_examples"] == len(train_src) and manifest["data"]["val_fraction"] == 0.2
     assert not set(np.asarray(cache_lib.open_teacher_cache(cache).ids)) & set(val_src.ids)
@@ -204,7 +206,7 @@ def view_cache(tmp_path_factory, teacher_and_cache):
     teacher_wd, _ = teacher_and_cache
     out = str(tmp_path_factory.mktemp("view_cache"))
     cfg = small_config(**{"teacher.workdir": teacher_wd, "data.augment": {"pad": 1, "flip": True}})
-    cache_lib.build_teacher_cache(cfg, None, out, batch_size=128, num_views=3, view_seed=11)
+    build_teacher_cache(cfg, None, out, batch_size=128, num_views=3, view_seed=11)
     return out
 
 
@@ -282,7 +284,7 @@ def test_kd_from_view_cache_trains_and_resumes_exactly(tmp_path, teacher_and_cac
 def test_float16_cache_is_half_the_size_and_rounds_within_half_an_ulp(tmp_path, teacher_and_cache):
     teacher_wd, cache32 = teacher_and_cache
     path = str(tmp_path / "f16")
-    m = cache_lib.build_teacher_cache(small_config(**{"teacher.workdir": teacher_wd}), None, path,
+    m = build_teacher_cache(small_config(**{"teacher.workdir": teacher_wd}), None, path,
                                       batch_size=100, dtype="float16")
     a, b = cache_lib.open_teacher_cache(cache32), cache_lib.open_teacher_cache(path)
     assert b.logits.dtype == np.float16 and m["logits"]["dtype"] == "float16"
@@ -303,19 +305,19 @@ def test_float16_cache_is_half_the_size_and_rounds_within_half_an_ulp(tmp_path, 
                                  str(tmp_path / "run"))
     assert summary["last_accuracy"] > 0.5
     with pytest.raises(config_lib.ConfigError, match="dtype must be"):
-        cache_lib.build_teacher_cache(small_config(**{"teacher.workdir": teacher_wd}), None, path, dtype="int8")
+        build_teacher_cache(small_config(**{"teacher.workdir": teacher_wd}), None, path, dtype="int8")
 
 
 def test_view_cache_build_errors(teacher_and_cache, tmp_path):
     teacher_wd, _ = teacher_and_cache
     aug = small_config(**{"teacher.workdir": teacher_wd, "data.augment": {"pad": 1, "flip": False}})
     with pytest.raises(config_lib.ConfigError, match="cache-teacher --views K"):
-        cache_lib.build_teacher_cache(aug, None, str(tmp_path / "a"))
+        build_teacher_cache(aug, None, str(tmp_path / "a"))
     with pytest.raises(config_lib.ConfigError, match="needs augmentation"):
-        cache_lib.build_teacher_cache(small_config(**{"teacher.workdir": teacher_wd}), None, str(tmp_path / "b"),
+        build_teacher_cache(small_config(**{"teacher.workdir": teacher_wd}), None, str(tmp_path / "b"),
                                       num_views=2)
     with pytest.raises(config_lib.ConfigError, match="positive int"):
-        cache_lib.build_teacher_cache(aug, None, str(tmp_path / "c"), num_views=0)
+        build_teacher_cache(aug, None, str(tmp_path / "c"), num_views=0)
 
 
 def test_step_refuses_cache_for_feature_recipe():
@@ -415,7 +417,7 @@ def topk_cache(tmp_path_factory, teacher_and_cache):
     teacher_wd, _ = teacher_and_cache
     path = str(tmp_path_factory.mktemp("topk"))
     # the temperature comes from the config's hinton_kd method (digits: T=4)
-    cache_lib.build_teacher_cache(small_config(**{"teacher.workdir": teacher_wd}), None, path, batch_size=100, top_k=3)
+    build_teacher_cache(small_config(**{"teacher.workdir": teacher_wd}), None, path, batch_size=100, top_k=3)
     return path
 
 
@@ -465,23 +467,23 @@ def test_topk_cache_build_options_and_errors(tmp_path, teacher_and_cache):
     teacher_wd, _ = teacher_and_cache
     cfg = small_config(**{"teacher.workdir": teacher_wd})
     path = str(tmp_path / "c")
-    m = cache_lib.build_teacher_cache(cfg, None, path, top_k=2, temperature=1.5, dtype="float16")
+    m = build_teacher_cache(cfg, None, path, top_k=2, temperature=1.5, dtype="float16")
     c16 = cache_lib.open_teacher_cache(path)
     assert m["logits"]["temperature"] == 1.5 and c16.logits.dtype == c16.rest.dtype == np.float16
     assert 0 < m["logits"]["max_abs_rounding"] < 0.05
     assert os.path.exists(os.path.join(path, "indices.npy"))
     # rebuilt as a dense cache in the same folder: the top-k files go
-    cache_lib.build_teacher_cache(cfg, None, path)
+    build_teacher_cache(cfg, None, path)
     assert sorted(os.listdir(path)) == ["ids.npy", "logits.npy", "manifest.json"]
     assert cache_lib.open_teacher_cache(path).top_k is None
     with pytest.raises(config_lib.ConfigError, match="keeps every one of the 10 classes"):
-        cache_lib.build_teacher_cache(cfg, None, path, top_k=10)
+        build_teacher_cache(cfg, None, path, top_k=10)
     with pytest.raises(config_lib.ConfigError, match="positive int"):
-        cache_lib.build_teacher_cache(cfg, None, path, top_k=0)
+        build_teacher_cache(cfg, None, path, top_k=0)
     with pytest.raises(config_lib.ConfigError, match="only applies to a top-k cache"):
-        cache_lib.build_teacher_cache(cfg, None, path, temperature=2.0)
+        build_teacher_cache(cfg, None, path, temperature=2.0)
     with pytest.raises(config_lib.ConfigError, match=r"method\(s\) give none: pass temperature \(--temperature T\)"):
-        cache_lib.build_teacher_cache(small_config(**{"teacher.workdir": teacher_wd, "method": {"name": "ce"}}),
+        build_teacher_cache(small_config(**{"teacher.workdir": teacher_wd, "method": {"name": "ce"}}),
                                       None, path, top_k=2)
     with open(os.path.join(path, "manifest.json")) as f:
         manifest = json.load(f)
@@ -510,7 +512,7 @@ def test_topk_view_cache_serves_each_views_fkd_label(tmp_path, teacher_and_cache
     teacher_wd, _ = teacher_and_cache
     cfg = small_config(**{"teacher.workdir": teacher_wd, "data.augment": {"pad": 1, "flip": True}})
     path = str(tmp_path / "topk_views")
-    cache_lib.build_teacher_cache(cfg, None, path, batch_size=128, num_views=3, view_seed=11, top_k=2)
+    build_teacher_cache(cfg, None, path, batch_size=128, num_views=3, view_seed=11, top_k=2)
     dense, top = cache_lib.open_teacher_cache(view_cache), cache_lib.open_teacher_cache(path)
     assert top.logits.shape == (len(dense.ids), 3, 2) and top.rest.shape == (len(dense.ids), 3)
     ids = dense.ids[::7]
@@ -531,10 +533,10 @@ def eight_devices_cache(ctx):
     out = {}
     for n in (1, 8):
         out[n] = os.path.join(ctx["tmp"], f"cache{n}")
-        cache_lib.build_teacher_cache(small_config(**aug, **{"train.num_devices": n}), None, out[n],
+        build_teacher_cache(small_config(**aug, **{"train.num_devices": n}), None, out[n],
                                       batch_size=64, num_views=2, view_seed=3, top_k=4)
     try:
-        cache_lib.build_teacher_cache(small_config(**aug), None, os.path.join(ctx["tmp"], "bad"), batch_size=100,
+        build_teacher_cache(small_config(**aug), None, os.path.join(ctx["tmp"], "bad"), batch_size=100,
                                       num_views=2)
     except config_lib.ConfigError as e:
         out["error"] = str(e)
@@ -586,14 +588,14 @@ def test_interrupted_build_resumes_to_the_same_cache(tmp_path, teacher_and_cache
     out = str(tmp_path / "c")
     kw = dict(batch_size=128, num_views=3, view_seed=11, save_every_s=0.0)
     with pytest.raises(_Interrupt):  # after view 1's 5th batch is written, before its progress record
-        cache_lib.build_teacher_cache(cfg, None, out, on_batch=_interrupt_at((1, 640)), **kw)
+        build_teacher_cache(cfg, None, out, on_batch=_interrupt_at((1, 640)), **kw)
     assert not os.path.exists(os.path.join(out, "manifest.json"))  # an unfinished cache cannot be opened
     with pytest.raises(config_lib.ConfigError, match="no manifest.json"):
         cache_lib.open_teacher_cache(out)
     with open(os.path.join(out, ".building", "progress.json")) as f:
         assert {k: v for k, v in json.load(f).items() if k in ("view", "row")} == {"view": 1, "row": 512}
     calls = []
-    cache_lib.build_teacher_cache(cfg, None, out, on_batch=_recorder(calls), **kw)
+    build_teacher_cache(cfg, None, out, on_batch=_recorder(calls), **kw)
     n = len(cache_lib.open_teacher_cache(view_cache).ids)
     batches = -(-n // 128)
     assert calls[0] == (1, 640) and len(calls) == (batches - 4) + batches  # the rest of view 1, all of view 2
@@ -602,9 +604,9 @@ def test_interrupted_build_resumes_to_the_same_cache(tmp_path, teacher_and_cache
     # another plan (another view seed, another batch size) does not reuse the partial files
     for change, first in (({"view_seed": 12}, (0, 128)), ({"batch_size": 64}, (0, 64))):
         with pytest.raises(_Interrupt):
-            cache_lib.build_teacher_cache(cfg, None, str(tmp_path / "d"), on_batch=_interrupt_at((1, 640)), **kw)
+            build_teacher_cache(cfg, None, str(tmp_path / "d"), on_batch=_interrupt_at((1, 640)), **kw)
         calls = []
-        cache_lib.build_teacher_cache(cfg, None, str(tmp_path / "d"), on_batch=_recorder(calls), **{**kw, **change})
+        build_teacher_cache(cfg, None, str(tmp_path / "d"), on_batch=_recorder(calls), **{**kw, **change})
         assert calls[0] == first and len(calls) == 3 * -(-n // (change.get("batch_size", 128)))
 
 
@@ -613,9 +615,9 @@ def test_interrupted_float16_topk_build_keeps_its_statistics(tmp_path, teacher_a
     cfg = small_config(**{"teacher.workdir": teacher_wd})
     kw = dict(batch_size=100, top_k=3, dtype="float16", save_every_s=0.0)
     whole, resumed = str(tmp_path / "whole"), str(tmp_path / "resumed")
-    cache_lib.build_teacher_cache(cfg, None, whole, **kw)
+    build_teacher_cache(cfg, None, whole, **kw)
     with pytest.raises(_Interrupt):
-        cache_lib.build_teacher_cache(cfg, None, resumed, on_batch=_interrupt_at((0, 900)), **kw)
+        build_teacher_cache(cfg, None, resumed, on_batch=_interrupt_at((0, 900)), **kw)
     # the record holds the rounding of the rows before it (0-799), carried into the resumed build
     with open(os.path.join(resumed, ".building", "progress.json")) as f:
         record = json.load(f)
@@ -623,7 +625,7 @@ def test_interrupted_float16_topk_build_keeps_its_statistics(tmp_path, teacher_a
     values, _, rest = cache_lib.topk_compress(exact, 3, 4.0)
     expected = max(np.abs(values.astype(np.float16) - values).max(), np.abs(rest.astype(np.float16) - rest).max())
     assert record["row"] == 800 and record["rounding"] == pytest.approx(expected, rel=1e-9)
-    cache_lib.build_teacher_cache(cfg, None, resumed, **kw)
+    build_teacher_cache(cfg, None, resumed, **kw)
     _same_cache(whole, resumed)  # incl. max_abs_rounding and top_k_mass in the manifest
 
 
@@ -632,13 +634,14 @@ import os, signal, sys
 sys.path.insert(0, os.path.join(os.getcwd(), "tests"))
 from test_teacher_cache import small_config
 from jaxkd.train import teacher_cache as cache_lib
+from jaxkd.train.cache_build import build_teacher_cache
 
 def kill(view, row):
     if (view, row) == (1, 640):  # rows written, progress record not: the worst moment
         os.kill(os.getpid(), signal.SIGKILL)
 
 cfg = small_config(**{"teacher.workdir": sys.argv[1], "data.augment": {"pad": 1, "flip": True}})
-cache_lib.build_teacher_cache(cfg, None, sys.argv[2], batch_size=128, num_views=3, view_seed=11, save_every_s=0.0,
+build_teacher_cache(cfg, None, sys.argv[2], batch_size=128, num_views=3, view_seed=11, save_every_s=0.0,
                               on_batch=kill)
 """
 
@@ -653,7 +656,7 @@ def test_build_killed_by_sigkill_resumes_to_the_same_cache(tmp_path, teacher_and
     assert proc.returncode == -9, proc.stderr[-2000:]
     cfg = small_config(**{"teacher.workdir": teacher_wd, "data.augment": {"pad": 1, "flip": True}})
     calls = []
-    cache_lib.build_teacher_cache(cfg, None, out, batch_size=128, num_views=3, view_seed=11,
+    build_teacher_cache(cfg, None, out, batch_size=128, num_views=3, view_seed=11,
                                   on_batch=_recorder(calls))
     assert calls[0] == (1, 640)  # resumed at view 1, batch 5
     _same_cache(out, view_cache)
@@ -680,12 +683,12 @@ def test_crash_while_moving_the_finished_files_only_completes_the_move(tmp_path,
     kw = dict(batch_size=128, num_views=3, view_seed=11)
     state = _failing_replace(monkeypatch, lambda src, dst: dst == os.path.join(out, "ids.npy"))  # after logits.npy
     with pytest.raises(_Interrupt):
-        cache_lib.build_teacher_cache(cfg, None, out, **kw)
+        build_teacher_cache(cfg, None, out, **kw)
     monkeypatch.undo()
     assert state["failed"] and not os.path.exists(os.path.join(out, "manifest.json"))
     assert os.path.exists(os.path.join(out, "logits.npy"))  # moved before the crash
     calls = []
-    cache_lib.build_teacher_cache(cfg, None, out, on_batch=_recorder(calls), **kw)
+    build_teacher_cache(cfg, None, out, on_batch=_recorder(calls), **kw)
     assert calls == []  # nothing recomputed
     _same_cache(out, view_cache)
     assert not os.path.exists(os.path.join(out, ".building"))
@@ -698,7 +701,7 @@ def test_partial_build_sorts_rows_read_out_of_id_order_and_survives_a_crash(tmp_
     n = 70000  # more than one copy chunk (65,536 rows)
     shapes = {cache_lib.LOGITS: ((n, 1, 3), np.float32), cache_lib.IDS: ((n,), np.int64)}
     ids = np.random.default_rng(0).permutation(n) * 3 + 5
-    work = cache_lib._PartialBuild(folder, "plan", shapes)
+    work = cache_build._PartialBuild(folder, "plan", shapes)
     work.arrays[cache_lib.IDS][:] = ids
     work.arrays[cache_lib.LOGITS][:] = (ids[:, None, None] * np.array([1.0, 2.0, 3.0])).astype(np.float32)
     work.save(1, 0)
@@ -707,7 +710,7 @@ def test_partial_build_sorts_rows_read_out_of_id_order_and_survives_a_crash(tmp_
     with pytest.raises(_Interrupt):
         work.finish(out, names, {"format": 1})
     monkeypatch.undo()
-    work = cache_lib._PartialBuild(folder, "plan", shapes)  # resumes: the record was not "finishing"
+    work = cache_build._PartialBuild(folder, "plan", shapes)  # resumes: the record was not "finishing"
     assert not work.finishing and work.view == 1
     np.testing.assert_array_equal(work.arrays[cache_lib.IDS], ids)  # sources untouched
     work.finish(out, names, {"format": 1})
@@ -716,7 +719,7 @@ def test_partial_build_sorts_rows_read_out_of_id_order_and_survives_a_crash(tmp_
     np.testing.assert_array_equal(np.load(os.path.join(out, "logits.npy"))[:, 0, 2], (got_ids * 3).astype(np.float32))
     assert sorted(os.listdir(out)) == ["ids.npy", "logits.npy", "manifest.json"]
     # a duplicate id is refused before anything is written
-    work = cache_lib._PartialBuild(str(tmp_path / "dup" / ".building"), "p", {cache_lib.IDS: ((3,), np.int64)})
+    work = cache_build._PartialBuild(str(tmp_path / "dup" / ".building"), "p", {cache_lib.IDS: ((3,), np.int64)})
     work.arrays[cache_lib.IDS][:] = [4, 1, 4]
     with pytest.raises(ValueError, match="duplicate example ids"):
         work.finish(str(tmp_path / "dup"), [cache_lib.IDS], {})

@@ -97,19 +97,22 @@ def test_config_change_on_resume_refused(tmp_path, trained_teacher):
         ["data.val_fraction: 0.0 -> 0.2"]
 
 
-def test_bad_config_values():
+def test_bad_config_values(tmp_path, data_dir):
     with pytest.raises(config_lib.ConfigError, match="optim.lr"):
         config_lib.validate(small_config(**{"optim.lr": -1.0}))
-    with pytest.raises(config_lib.ConfigError, match="unknown model 'resnet33'.*did you mean"):
-        config_lib.validate(small_config(**{"model.name": "resnet33"}))
-    with pytest.raises(config_lib.ConfigError, match="method.name"):
-        config_lib.validate(small_config(**{"method.name": "hinton"}))
+    # names are checked where they are built (jaxkd.train.setup), before any step
+    with pytest.raises(config_lib.ConfigError, match="config.model: unknown model 'resnet33'. Did you mean"):
+        train_and_evaluate(small_config(**{"model.name": "resnet33"}), str(tmp_path / "m"))
+    with pytest.raises(config_lib.ConfigError, match="config.method.name: unknown method 'hinton'; did you mean"):
+        train_and_evaluate(small_config(**{"method.name": "hinton"}), str(tmp_path / "h"))
+    with pytest.raises(config_lib.ConfigError, match="config.optim.name: 'sgdd' is not an optax optimizer; did you"):
+        train_and_evaluate(small_config(**{"optim.name": "sgdd", "method.name": "ce"}), str(tmp_path / "o"))
     with pytest.raises(config_lib.ConfigError, match="unknown config key 'optim.learning_rate'"):
         small_config(**{"optim.learning_rate": 0.1})
     with pytest.raises(config_lib.ConfigError, match="divisible by the number of devices"):
         config_lib.validate(small_config(**{"data.batch_size": 30}), num_devices=8)
     with pytest.raises(config_lib.ConfigError, match="teacher.workdir"):
-        train_and_evaluate(small_config(), "/tmp/jaxkd_never_used")
+        train_and_evaluate(small_config(), str(tmp_path / "t"))
     for bad in (1.0, -0.1, "0.1", True):
         with pytest.raises(config_lib.ConfigError, match="data.val_fraction"):
             config_lib.validate(small_config(**{"data.val_fraction": bad}))
@@ -118,7 +121,7 @@ def test_bad_config_values():
 def test_val_fraction_picks_the_best_checkpoint_on_held_out_training_examples(tmp_path, data_dir):
     from jaxkd import models as models_lib
     from jaxkd.train import step as step_lib
-    from jaxkd.train.loop import training_sources
+    from jaxkd.train.setup import training_sources
     cfg = teacher_config(small_config(**{"train.num_epochs": 4, "data.val_fraction": 0.25, "optim.lr": 0.02}))
     info, train_src, val_src, eval_src = training_sources(cfg)
     n_all = len(training_sources(small_config())[1])
@@ -236,7 +239,7 @@ def test_bfloat16_teacher_is_stored_and_run_in_bfloat16(tmp_path, trained_teache
     import jax.numpy as jnp
 
     from jaxkd import models
-    from jaxkd.train.loop import load_teacher
+    from jaxkd.train.setup import load_teacher
 
     teacher_dir, _ = trained_teacher
     runs = {}

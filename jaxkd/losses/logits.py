@@ -7,7 +7,7 @@ The batch mean of :func:`hinton_kd` is the usual "batchmean" KD loss.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import chex
 import jax
@@ -440,3 +440,52 @@ def dist_loss(student_logits: chex.Array, teacher_logits: chex.Array, beta: floa
     inter = dist_inter(student_logits, teacher_logits, temperature, standardize)
     intra = dist_intra(student_logits, teacher_logits, temperature, standardize)
     return beta * scale * inter, gamma * scale * intra
+
+
+# --------------------------------------------------------------------------------------------
+# Apprentice (joint training) and Label Refinery
+# --------------------------------------------------------------------------------------------
+
+
+def apprentice_kd(student_logits: chex.Array, teacher_logits: chex.Array, temperature: float = 1.0,
+                  teacher_grad: bool = False) -> chex.Array:
+    """``H(softmax(z_T / T), softmax(z_S / T)) * T**2`` per example (``[B]``).
+
+    With ``teacher_grad=False`` the teacher's distribution is a constant target; else the
+    gradient reaches ``teacher_logits`` too.
+    """
+    t = teacher_logits if teacher_grad else jax.lax.stop_gradient(teacher_logits)
+    target = jax.nn.softmax(t.astype(jnp.float32) / temperature, axis=-1)
+    return soft_cross_entropy(student_logits.astype(jnp.float32) / temperature, target) * temperature ** 2
+
+
+def apprentice_loss(student_logits: chex.Array, teacher_logits: chex.Array, labels: chex.Array,
+                    teacher_weight: Any = 1.0, student_weight: Any = 0.5, kd_weight: Any = 0.5,
+                    temperature: float = 1.0, teacher_grad: bool = False) -> tuple[chex.Array, dict]:
+    """The Apprentice loss per example and its parts ``{"teacher_ce", "ce", "kd"}`` (each ``[B]``).
+
+    Args:
+      student_logits, teacher_logits: ``[B, C]``.
+      labels: ``[B]`` integer labels.
+      teacher_weight, student_weight, kd_weight: the weights ``w_t, w_s, w_kd`` (numbers or
+        arrays, e.g. a schedule's value).
+      temperature: ``T`` of the distillation term (the paper: 1).
+      teacher_grad: let the distillation term's gradient reach the teacher.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> z = jnp.array([[2.0, 0.0]]); y = jnp.array([0])
+      >>> total, parts = apprentice_loss(z, z, y)
+      >>> bool(jnp.allclose(total, parts["teacher_ce"] + 0.5 * parts["ce"] + 0.5 * parts["kd"]))
+      True
+    """
+    teacher_ce = cross_entropy(teacher_logits, labels)
+    ce = cross_entropy(student_logits, labels)
+    kd = apprentice_kd(student_logits, teacher_logits, temperature, teacher_grad)
+    total = teacher_weight * teacher_ce + student_weight * ce + kd_weight * kd
+    return total, {"teacher_ce": teacher_ce, "ce": ce, "kd": kd}
+
+
+def refinery_kl(student_logits: chex.Array, refinery_logits: chex.Array) -> chex.Array:
+    """``KL(softmax(z_R) || softmax(z_S))`` per example (``[B]``); the refinery is a constant."""
+    return hinton_kd(student_logits, refinery_logits, 1.0, "kl")

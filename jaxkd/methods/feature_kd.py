@@ -20,25 +20,16 @@ from typing import Any, Sequence
 import jax.numpy as jnp
 
 from jaxkd import losses
+from jaxkd.core import LossInputs, Recipe, aux_variables, register_recipe, with_aux_state
+from jaxkd.methods.common import ce_plus_kd
 from jaxkd.models.regressor import make_hint_regressor
-from jaxkd.core import LossInputs, Recipe, make_weight_schedule
 
 DEFAULT_LAYERS = ("stage1", "stage2", "stage3")
 
 
 def _logit_terms(inp: LossInputs, gamma: Any, alpha: Any, temperature: float):
     """``gamma * CE + alpha * KD`` (per example) and the parts that are switched on."""
-    total = jnp.zeros(inp.student_logits.shape[0], jnp.float32)
-    parts = {}
-    g = make_weight_schedule(gamma)(inp.stage_step, inp.stage_progress)
-    a = make_weight_schedule(alpha)(inp.stage_step, inp.stage_progress)
-    if gamma != 0:
-        parts["ce"] = losses.cross_entropy(inp.student_logits, inp.labels)
-        total = total + g * parts["ce"]
-    if alpha != 0:
-        parts["kd"] = losses.hinton_kd(inp.student_logits, inp.teacher_logits, temperature)
-        total = total + a * parts["kd"]
-    return total, parts
+    return ce_plus_kd(inp, gamma, alpha, lambda i: losses.hinton_kd(i.student_logits, i.teacher_logits, temperature))
 
 
 def _taps(features, names: Sequence[str], who: str):
@@ -61,16 +52,12 @@ def _hint_recipe(name: str, student_layer: str, teacher_layer: str, beta: float,
         s = _taps(inp.student_features, [student_layer], "the student")[0]
         t = _taps(inp.teacher_features, [teacher_layer], "the teacher")[0]
         regressor = make_hint_regressor(s.shape, t.shape)
-        variables = {"params": inp.aux_params["regressor"],
-                     **{k: v["regressor"] for k, v in inp.aux_state.items()}}
+        variables = aux_variables(inp.aux_params, inp.aux_state, "regressor")
         regressed, new_vars = regressor.apply(variables, s, train=True, mutable=["batch_stats"])
         hint = losses.fitnets_hint(regressed, t)
         total, parts = _logit_terms(inp, gamma, alpha, temperature)
         parts["hint"] = hint
-        new_aux_state = dict(inp.aux_state)
-        for k, v in new_vars.items():
-            new_aux_state[k] = {**inp.aux_state.get(k, {}), "regressor": v}
-        return total + beta * hint, parts, new_aux_state
+        return total + beta * hint, parts, with_aux_state(inp.aux_state, "regressor", new_vars)
 
     return Recipe(name=name, loss=loss, uses_teacher=True, init_aux=init_aux, train_up_to=train_up_to)
 
@@ -150,3 +137,9 @@ def fsp_recipe(student_layers: Sequence[str] = ("stem",) + DEFAULT_LAYERS,
     return Recipe(name="fsp", loss=loss, uses_teacher=True,
                   train_up_to=None if train_all else student_layers[-1])
 
+
+
+register_recipe("fitnets", fitnets_recipe)
+register_recipe("fitnets_hint", fitnets_hint_recipe)
+register_recipe("at", attention_recipe)
+register_recipe("fsp", fsp_recipe)

@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxkd._xla_defaults import eval_compiler_options
 from jaxkd.models import ModelFns
-from jaxkd.train.recipes import LossInputs, Recipe
+from jaxkd.core import LossInputs, Recipe, aux_variables, with_aux_state
 
 
 @flax.struct.dataclass
@@ -91,8 +91,7 @@ def create_train_state(rng, student: ModelFns, recipes: Recipe | Sequence[Recipe
     if trainable_teacher_variables is not None:
         t_vars = dict(trainable_teacher_variables)
         params["aux"][JOINT_TEACHER] = t_vars.pop("params")
-        for coll, tree in t_vars.items():
-            model_state["aux"].setdefault(coll, {})[JOINT_TEACHER] = tree
+        model_state["aux"] = with_aux_state(model_state["aux"], JOINT_TEACHER, t_vars)
     with_aux = [r for r in recipes if r.init_aux is not None]
     if with_aux:
         # shapes are all init_aux needs: traced, not run
@@ -119,15 +118,7 @@ JOINT_TEACHER = "teacher"  # name of a jointly trained teacher among the auxilia
 
 def joint_teacher_variables(aux_params, aux_state) -> dict:
     """The Flax variables of the jointly trained teacher (``aux/teacher``)."""
-    return {"params": aux_params[JOINT_TEACHER],
-            **{coll: tree[JOINT_TEACHER] for coll, tree in aux_state.items() if JOINT_TEACHER in tree}}
-
-
-def _with_joint_teacher_state(aux_state, teacher_state):
-    out = dict(aux_state)
-    for coll, tree in teacher_state.items():
-        out[coll] = {**aux_state.get(coll, {}), JOINT_TEACHER: tree}
-    return out
+    return aux_variables(aux_params, aux_state, JOINT_TEACHER)
 
 
 def param_path(path) -> str:
@@ -251,7 +242,7 @@ def make_train_step(student: ModelFns, recipe: Recipe, tx: optax.GradientTransfo
                 t_vars = joint_teacher_variables(params["aux"], aux_state)
                 t_rng = jax.random.fold_in(dropout_rng, 1)
                 tl, tf, new_t_state = teacher.apply(t_vars, x, train=True, rng=t_rng)
-                aux_state = _with_joint_teacher_state(aux_state, new_t_state)
+                aux_state = with_aux_state(aux_state, JOINT_TEACHER, new_t_state)
 
                 def t_apply(inputs):
                     out_logits, out_feats, _ = teacher.apply(t_vars, inputs, train=True, rng=t_rng)
