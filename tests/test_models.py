@@ -598,3 +598,37 @@ def test_from_nnx_logits_only_without_state():
     p = variables["params"]
     np.testing.assert_allclose(logits, x @ p["kernel"] + p["bias"], rtol=1e-6)
     assert set(feats) == {"logits"} and state == {}
+
+
+def test_from_linen_returns_everything_the_module_sows():
+    """Sown values (attention weights, say) reach the features in train and eval mode, in any
+    collection; BatchNorm state still updates; nothing sown becomes state."""
+    import flax.linen as nn
+
+    class Sowing(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=False):
+            h = nn.Dense(4)(x.reshape((x.shape[0], -1)))
+            self.sow("intermediates", "pre_bn", h)
+            h = nn.BatchNorm(use_running_average=not train)(h)
+            probs = jax.nn.softmax(h)
+            self.sow("attention", "probs", probs)
+            self.sow("intermediates", "twice", h)
+            self.sow("intermediates", "twice", 2 * h)
+            return nn.Dense(3)(h)
+
+    fns = from_linen(Sowing(), "sowing")
+    x = normal(0, (5, 2, 3))
+    variables = fns.init(KEY, x)
+    assert set(variables) == {"params", "batch_stats"}
+    for train in (False, True):
+        logits, feats, state = fns.apply(variables, x, train=train)
+        h = np.asarray(x).reshape(5, -1) @ np.asarray(variables["params"]["Dense_0"]["kernel"]) + \
+            np.asarray(variables["params"]["Dense_0"]["bias"])
+        np.testing.assert_allclose(feats["pre_bn"], h, rtol=1e-5, atol=1e-6)
+        assert feats["attention/probs"].shape == (5, 4)
+        np.testing.assert_allclose(np.asarray(feats["attention/probs"]).sum(-1), 1.0, rtol=1e-6)
+        np.testing.assert_allclose(feats["twice/1"], 2 * np.asarray(feats["twice/0"]), rtol=1e-6)
+        assert set(state) == {"batch_stats"}
+        moved = not np.allclose(state["batch_stats"]["BatchNorm_0"]["mean"], 0.0)
+        assert moved == train

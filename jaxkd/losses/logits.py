@@ -34,68 +34,89 @@ def _check_pair(student_logits: chex.Array, teacher_logits: chex.Array) -> None:
             f"student {student_logits.shape} vs teacher {teacher_logits.shape}")
 
 
-def cross_entropy(logits: chex.Array, labels: chex.Array, label_smoothing: float = 0.0) -> chex.Array:
+def _check_class_axis(name: str, logits: chex.Array, axis: int) -> int:
+    """Logits ``[..., C, ...]`` with classes on ``axis``: floating, rank >= 1; the axis, normalised."""
+    if not hasattr(logits, "ndim") or logits.ndim < 1:
+        raise ValueError(f"{name} must be an array of logits with a class axis; got {type(logits).__name__} "
+                         f"of shape {getattr(logits, 'shape', None)}")
+    if not jnp.issubdtype(logits.dtype, jnp.floating):
+        raise TypeError(f"{name} must be a floating-point array; got dtype {logits.dtype}")
+    if not -logits.ndim <= axis < logits.ndim:
+        raise ValueError(f"axis {axis} is out of range for {name} of shape {logits.shape}")
+    return axis % logits.ndim
+
+
+def cross_entropy(logits: chex.Array, labels: chex.Array, label_smoothing: float = 0.0,
+                  axis: int = -1) -> chex.Array:
     """Softmax cross-entropy with integer labels, per example.
 
-    ``ce_i = -sum_c q_ic log softmax(logits_i)_c`` with ``q = one_hot(labels)``
-    (optionally smoothed: ``(1-eps) q + eps / C``).
+    ``ce = -sum_c q_c log softmax(logits)_c`` over the class axis with ``q = one_hot(labels)``
+    (optionally smoothed: ``(1-eps) q + eps / C``). The same as
+    ``optax.softmax_cross_entropy_with_integer_labels`` (tested).
 
     Args:
-      logits: ``[B, C]`` float.
-      labels: ``[B]`` integer class indices in ``[0, C)``.
+      logits: ``[..., C]`` float (classes on ``axis``): ``[B, C]`` for a batch, ``[B, L, C]`` for
+        per-token predictions.
+      labels: integer class indices in ``[0, C)``, of ``logits``' shape without the class axis.
       label_smoothing: ``eps`` in ``[0, 1)``.
+      axis: the class axis.
 
     Returns:
-      ``[B]`` per-example loss.
+      the per-example loss, ``logits``' shape without the class axis (``[B]`` for ``[B, C]``).
     """
-    _check_logits("logits", logits)
-    if getattr(labels, "ndim", None) != 1 or labels.shape[0] != logits.shape[0]:
-        raise ValueError(
-            f"labels must have shape [batch] = [{logits.shape[0]}]; got {getattr(labels, 'shape', None)}")
+    axis = _check_class_axis("logits", logits, axis)
+    batch_shape = logits.shape[:axis] + logits.shape[axis + 1:]
+    if getattr(labels, "shape", None) != batch_shape:
+        raise ValueError(f"labels must have shape {list(batch_shape)} (logits {list(logits.shape)} without its class "
+                         f"axis {axis}); got {getattr(labels, 'shape', None)}")
     if not jnp.issubdtype(labels.dtype, jnp.integer):
         raise TypeError(f"labels must be integer class indices; got dtype {labels.dtype}")
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1); got {label_smoothing}")
-    num_classes = logits.shape[-1]
+    num_classes = logits.shape[axis]
     if not isinstance(labels, jax.core.Tracer) and labels.size:
         # an out-of-range label one-hots to zeros, a silent CE of 0; checkable only outside jit
         lo, hi = int(jnp.min(labels)), int(jnp.max(labels))
         if lo < 0 or hi >= num_classes:
             raise ValueError(f"labels must be class indices in [0, {num_classes}); got values in [{lo}, {hi}]")
-    targets = jax.nn.one_hot(labels, num_classes, dtype=logits.dtype)
+    targets = jax.nn.one_hot(labels, num_classes, dtype=logits.dtype, axis=axis)
     if label_smoothing:
         targets = targets * (1.0 - label_smoothing) + label_smoothing / num_classes
-    return soft_cross_entropy(logits, targets)
+    return soft_cross_entropy(logits, targets, axis=axis)
 
 
-def soft_cross_entropy(logits: chex.Array, target_probs: chex.Array) -> chex.Array:
+def soft_cross_entropy(logits: chex.Array, target_probs: chex.Array, axis: int = -1) -> chex.Array:
     """Cross-entropy against a target distribution, per example: ``-sum_c p_c log softmax(z)_c``.
 
+    The same as ``optax.softmax_cross_entropy`` (tested).
+
     Args:
-      logits: ``[B, C]`` float.
-      target_probs: ``[B, C]`` rows summing to one (not checked under jit).
+      logits: ``[..., C]`` float (classes on ``axis``).
+      target_probs: same shape, summing to one over the class axis (not checked under jit).
+      axis: the class axis.
 
     Returns:
-      ``[B]``.
+      ``logits``' shape without the class axis.
     """
-    _check_logits("logits", logits)
+    axis = _check_class_axis("logits", logits, axis)
     if target_probs.shape != logits.shape:
         raise ValueError(
             f"target_probs must have the shape of logits {logits.shape}; got {target_probs.shape}")
-    log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return -jnp.sum(target_probs.astype(jnp.float32) * log_p, axis=-1)
+    log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=axis)
+    return -jnp.sum(target_probs.astype(jnp.float32) * log_p, axis=axis)
 
 
 def hinton_kd(student_logits: chex.Array, teacher_logits: chex.Array, temperature: float = 4.0,
-              mode: KDMode = "kl") -> chex.Array:
+              mode: KDMode = "kl", axis: int = -1) -> chex.Array:
     """Hinton et al. (2015) distillation loss, per example, scaled by ``T**2``.
 
-    With ``p_t = softmax(t/T)`` and ``log p_s = log_softmax(s/T)``:
+    With ``p_t = softmax(t/T)`` and ``log p_s = log_softmax(s/T)`` over the class axis:
 
     * ``"kl"`` (default): ``T**2 * KL(p_t || p_s) = T**2 * sum_c p_t (log p_t - log p_s)``.
       Its batch mean is PyTorch's ``kl_div(..., reduction="batchmean") * T**2`` (RepDistiller,
       torchdistill, mdistiller); the gradient of the batch mean w.r.t. the student logits is
-      ``T * (softmax(s/T) - softmax(t/T)) / B``.
+      ``T * (softmax(s/T) - softmax(t/T)) / B``. It equals
+      ``T**2 * optax.losses.kl_divergence(log_softmax(s/T), softmax(t/T))`` (tested).
     * ``"soft_ce"``: ``T**2 * -sum_c p_t log p_s``, the cross-entropy with soft targets. It
       differs from ``"kl"`` by the teacher entropy (constant for the student), so it has the
       same gradient but a different value.
@@ -105,13 +126,14 @@ def hinton_kd(student_logits: chex.Array, teacher_logits: chex.Array, temperatur
     The teacher logits are not differentiated (``stop_gradient``).
 
     Args:
-      student_logits: ``[B, C]`` float.
-      teacher_logits: ``[B, C]`` float.
+      student_logits: ``[..., C]`` float (classes on ``axis``; ``[B, C]``, or ``[B, L, C]`` per token).
+      teacher_logits: the same shape.
       temperature: ``T > 0``.
       mode: one of ``"kl"``, ``"soft_ce"``, ``"legacy_mean"``.
+      axis: the class axis.
 
     Returns:
-      ``[B]`` per-example loss.
+      the per-example loss: the logits' shape without the class axis.
 
     Example:
       >>> import jax.numpy as jnp
@@ -119,22 +141,26 @@ def hinton_kd(student_logits: chex.Array, teacher_logits: chex.Array, temperatur
       >>> float(hinton_kd(s, t, temperature=4.0)[0])  # identical logits: zero KL
       0.0
     """
-    _check_pair(student_logits, teacher_logits)
+    axis = _check_class_axis("student_logits", student_logits, axis)
+    _check_class_axis("teacher_logits", teacher_logits, axis)
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student_logits and teacher_logits must have the same shape; got student "
+                         f"{student_logits.shape} vs teacher {teacher_logits.shape}")
     if mode not in KD_MODES:
         raise ValueError(f"unknown hinton_kd mode {mode!r}; expected one of {KD_MODES}")
     if isinstance(temperature, (int, float)) and temperature <= 0:
         raise ValueError(f"temperature must be > 0; got {temperature}")
     t = jax.lax.stop_gradient(teacher_logits).astype(jnp.float32) / temperature
     s = student_logits.astype(jnp.float32) / temperature
-    log_p_t = jax.nn.log_softmax(t, axis=-1)
-    log_p_s = jax.nn.log_softmax(s, axis=-1)
+    log_p_t = jax.nn.log_softmax(t, axis=axis)
+    log_p_s = jax.nn.log_softmax(s, axis=axis)
     p_t = jnp.exp(log_p_t)
     if mode == "soft_ce":
-        per_example = -jnp.sum(p_t * log_p_s, axis=-1)
+        per_example = -jnp.sum(p_t * log_p_s, axis=axis)
     else:
-        per_example = jnp.sum(p_t * (log_p_t - log_p_s), axis=-1)
+        per_example = jnp.sum(p_t * (log_p_t - log_p_s), axis=axis)
         if mode == "legacy_mean":
-            per_example = per_example / student_logits.shape[-1]
+            per_example = per_example / student_logits.shape[axis]
     return per_example * (temperature ** 2)
 
 
