@@ -67,6 +67,8 @@ def base_config() -> ml_collections.ConfigDict:
     # Optional stages: a sequence of {"name", "num_epochs", "method": {...}, "optim": {...}};
     # None runs one stage with config.method for config.train.num_epochs.
     c.stages = None
+    # Auxiliary modules (heads) loaded from earlier runs: {module name: work dir} (its newest run checkpoint).
+    c.aux_init_from = {}
     # Named variants for `jaxkd compare --methods a,b`: {name: {dotted.key: value, ...}}.
     c.presets = {}
     # Used by `jaxkd compare` for the teacher run (model = config.teacher).
@@ -167,7 +169,8 @@ _ALIASES = {"learning_rate": "lr", "epochs": "num_epochs", "wd": "weight_decay",
 def _open_dict(prefix: list[str]) -> bool:
     # Free-form dicts whose keys are not known in advance.
     # (``method`` takes the options of whichever method is chosen)
-    return bool(prefix) and prefix[-1] in ("kwargs", "builder_kwargs", "augment", "method", "presets")
+    return bool(prefix) and prefix[-1] in ("kwargs", "builder_kwargs", "augment", "method", "presets",
+                                           "aux_init_from")
 
 
 def _require(cond: bool, key: str, msg: str, value: Any) -> None:

@@ -139,10 +139,8 @@ def restore_latest(manager: ocp.CheckpointManager, state_template) -> tuple[int,
     failures = []
     for step in steps:
         try:
-            restored = manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(state_template(step) if callable(state_template)
-                                               else state_template), data=ocp.args.JsonRestore(),
-                meta=ocp.args.JsonRestore()))
+            restored = _restore_run_step(manager, step, state_template(step) if callable(state_template)
+                                         else state_template)
         except Exception as e:  # noqa: BLE001 - any failure means "this step is unusable"
             msg = (f"checkpoint step {step} in {manager.directory} is unusable ({type(e).__name__}: "
                    f"{str(e)[:300]}); ")
@@ -164,6 +162,23 @@ def restore_latest(manager: ocp.CheckpointManager, state_template) -> tuple[int,
             f"(steps {[s for s, _ in failures]}); first error: {failures[0][1]}. "
             "Move the directory away to start from scratch.")
     return None
+
+
+def _restore_run_step(manager: ocp.CheckpointManager, step: int, template):
+    """Restores a run checkpoint into ``template``. Checkpoints written before train states had
+    ``recipe_state`` restore into a run without recipe state (the field then stays ``{}``)."""
+    def restore(item):
+        return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(item),
+                                                             data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+    try:
+        return restore(template)
+    except ValueError as e:
+        if getattr(template, "recipe_state", None) != {} or "recipe_state" not in str(e):
+            raise
+    older = {k: getattr(template, k) for k in ("step", "params", "model_state", "opt_state", "rng")}
+    restored = restore(older)
+    state = template.replace(**restored.state, recipe_state={})
+    return type("Restored", (), {"state": state, "data": restored.data, "meta": restored.meta})
 
 
 def _set_aside(manager: ocp.CheckpointManager, step: int) -> str:

@@ -112,8 +112,8 @@ class Trainer:
         run = self.run
         restored = ckpt_lib.restore_latest(self.run_mgr, run.state_template)
         if restored is None:
-            self.state = jax.device_put(setup_lib.init_student_from(run.config, self.state),
-                                        step_lib.replicated(run.mesh))
+            state = setup_lib.init_aux_from(run.config, setup_lib.init_student_from(run.config, self.state))
+            self.state = jax.device_put(state, run.state_sharding)
         else:
             self.step, self.state, data_state, self.meta = restored
             # a config stored by an earlier jaxkd, as this one reads it
@@ -161,7 +161,8 @@ class Trainer:
         train_step = step_lib.make_train_step(
             run.student, recipe, tx, run.data.pipeline, teacher=run.teacher, mesh=run.mesh, lr_schedule=lr_schedule,
             steps_per_epoch=run.steps_per_epoch, stage_start=stage.start, num_epochs=stage.num_epochs,
-            skip_nonfinite=self.metrics.skip_nonfinite, cached_teacher=run.logits_cache is not None)
+            skip_nonfinite=self.metrics.skip_nonfinite, cached_teacher=run.logits_cache is not None,
+            state_sharding=run.state_sharding)
         every = cfg.train.checkpoint_every_steps
         while self.step < stage.end:
             self.state, metrics = train_step(self.state, run.teacher_variables, self._next_batch())
@@ -183,7 +184,7 @@ class Trainer:
         run = self.run
         batch = next(self.train_iter)
         _check_labels(batch["label"], run.data.info.num_classes, run.config.data.name)
-        host = {"image": batch["image"], "label": batch["label"]}
+        host = dict(batch)  # every per-example field reaches the recipe (LossInputs.batch)
         if run.logits_cache is not None:  # this epoch's stored view of each example, and its logits
             host.update(run.logits_cache.batch_views(batch["id"], self.step // run.steps_per_epoch))
         return step_lib.shard_batch(host, run.mesh)

@@ -239,6 +239,41 @@ def init_student_from(config, state):
                          model_state={**state.model_state, "student": variables})
 
 
+def init_aux_from(config, state):
+    """``state`` with auxiliary modules loaded from the runs named in ``config.aux_init_from``
+    (``{module name: work dir}``): the module's params and collections from the newest run
+    checkpoint of that work dir (a head trained by an earlier run, e.g. SSKD's teacher head).
+    Shapes must match; a missing module or work dir is a :class:`ConfigError`."""
+    wanted = dict(config.get("aux_init_from") or {})
+    if not wanted:
+        return state
+    params, model_state = dict(state.params), dict(state.model_state)
+    aux_params, aux_state = dict(params["aux"]), dict(model_state["aux"])
+    for name, workdir in wanted.items():
+        if name not in aux_params:
+            raise ConfigError(f"config.aux_init_from: this run has no auxiliary module {name!r}; "
+                              f"it has {sorted(aux_params)}")
+        try:
+            _, saved = ckpt_lib.load_run_state(workdir)
+        except CheckpointError as e:
+            raise ConfigError(f"config.aux_init_from[{name!r}]: {e}") from None
+        if name not in saved["params"]["aux"]:
+            raise ConfigError(f"config.aux_init_from[{name!r}]: the run in {workdir!r} has no module {name!r}")
+        mine = {"params": aux_params[name], **{c: t[name] for c, t in aux_state.items() if name in t}}
+        theirs = {"params": saved["params"]["aux"][name],
+                  **{c: t[name] for c, t in saved["model_state"]["aux"].items() if name in t}}
+        try:
+            ckpt_lib.check_tree_fits(mine, theirs, f"module {name!r} in {workdir!r}")
+        except CheckpointError as e:
+            raise ConfigError(f"config.aux_init_from[{name!r}]: {e}") from None
+        theirs = jax.tree.map(lambda t, v: jnp.asarray(v, t.dtype), mine, theirs)
+        aux_params[name] = theirs.pop("params")
+        for coll, tree in theirs.items():
+            aux_state[coll] = {**aux_state[coll], name: tree}
+    params["aux"], model_state["aux"] = aux_params, aux_state
+    return state.replace(params=params, model_state=model_state)
+
+
 # --------------------------------------------------------------------------------------------
 # Stages and recipes
 # --------------------------------------------------------------------------------------------
@@ -328,6 +363,7 @@ class RunSetup:
     logits_cache: Any
     trains_teacher: bool
     initial_state: step_lib.TrainState
+    state_sharding: Any = None
 
     @property
     def total_steps(self) -> int:
@@ -348,7 +384,9 @@ class RunSetup:
         """The train state a checkpoint of ``step`` restores into (its stage's optimizer state)."""
         tx = self.optimizers[self.stage_of_checkpoint(step)][0]
         state = self.initial_state
-        return jax.device_put(state.replace(opt_state=tx.init(state.params)), step_lib.replicated(self.mesh))
+        return jax.device_put(state.replace(opt_state=jax.device_put(tx.init(state.params),
+                                                                     step_lib.replicated(self.mesh))),
+                              self.state_sharding)
 
 
 def build_run(config: ml_collections.ConfigDict, mesh) -> RunSetup:
@@ -381,15 +419,29 @@ def build_run(config: ml_collections.ConfigDict, mesh) -> RunSetup:
                                                       jax.random.fold_in(jax.random.PRNGKey(config.seed), 1))
     optimizers = [param_groups.make_optimizer(st.optim, r.aux_optim, steps_per_epoch, st.num_epochs)
                   for st, r in zip(stages, recipes)]
+    labels = _train_labels(data.train) if any(r.init_state is not None for r in recipes) else None
     state = step_lib.create_train_state(jax.random.PRNGKey(config.seed), student, recipes, optimizers[0][0], sample,
                                         teacher=teacher, teacher_variables=teacher_vars,
-                                        trainable_teacher_variables=joint_init)
+                                        trainable_teacher_variables=joint_init, num_train=len(data.train),
+                                        train_labels=labels, num_classes=num_classes)
     recipes = [step_lib.resolve_trainable(r, student, state.student_variables(), sample) for r in recipes]
-    state = jax.device_put(state, step_lib.replicated(mesh))
+    sharding = step_lib.state_shardings(state, mesh, recipes)
+    state = jax.device_put(state, sharding)
     return RunSetup(config=config, cfg_dict=json.loads(json.dumps(config.to_dict())), mesh=mesh, data=data,
                     steps_per_epoch=steps_per_epoch, stages=stages, recipes=recipes, optimizers=optimizers,
                     student=student, teacher=teacher, teacher_variables=teacher_vars, teacher_meta=teacher_meta,
-                    logits_cache=logits_cache, trains_teacher=trains_teacher, initial_state=state)
+                    logits_cache=logits_cache, trains_teacher=trains_teacher, initial_state=state,
+                    state_sharding=sharding)
+
+
+def _train_labels(source):
+    """The label of every training example, by position (``index``)."""
+    import numpy as np
+
+    labels = getattr(source, "labels", None)
+    if labels is None:
+        labels = source.gather(np.arange(len(source)))["label"]
+    return np.asarray(labels, np.int32)
 
 
 def build_eval(config, workdir: str, which: str = "best"):
