@@ -21,6 +21,8 @@ CHECKS = (
     "test_bss:eight_devices_bss",
     "test_feature_losses:eight_devices_batch_means",
     "test_teacher_cache:eight_devices_cache",
+    "test_interface:eight_devices_batch_term",
+    "test_crd:eight_devices_crd",
 )
 
 

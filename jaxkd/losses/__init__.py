@@ -22,3 +22,8 @@ from jaxkd.losses import bss as _bss
 from jaxkd.losses.bss import *  # noqa: F401,F403  (BSS's student loss and schedules)
 
 __all__ += list(_bss.__all__)
+
+from jaxkd.losses import contrastive as _contrastive
+from jaxkd.losses.contrastive import *  # noqa: F401,F403  (CRD's NCE, scores, bank update)
+
+__all__ += list(_contrastive.__all__)
