@@ -448,3 +448,58 @@ def test_bad_inputs_name_the_argument():
         losses.standardize_logits(jnp.ones((2, 3)), axis=2)
     with pytest.raises(ValueError, match="eps"):
         losses.standardize_logits(jnp.ones((2, 3)), eps=-1.0)
+
+
+# ----------------------------------------------------------------------------- recipes (dkd, dist, hinton_kd_ls)
+
+def _recipe_inputs(s, t, y, epoch=0):
+    from jaxkd.core import LossInputs
+    return LossInputs(student_logits=jnp.float32(s), student_features={}, teacher_logits=jnp.float32(t),
+                      teacher_features={}, labels=jnp.asarray(y, jnp.int32), step=jnp.int32(0), aux_params={},
+                      rng=jax.random.PRNGKey(0), stage_step=jnp.int32(0), epoch=jnp.int32(epoch))
+
+
+def _np_ce(s, y):
+    return -_np_log_softmax(s)[np.arange(len(y)), y]
+
+
+@pytest.mark.parametrize("epoch,warmup,weight", [(0, 4, 0.25), (2, 4, 0.75), (7, 4, 1.0), (0, 0, 1.0)])
+def test_dkd_recipe_is_ce_plus_warmed_up_dkd(epoch, warmup, weight):
+    from jaxkd.core import as_loss_output
+    from jaxkd.methods import build_recipe
+    s, t, y = _rand(3)
+    r = build_recipe({"name": "dkd", "beta": 2.0, "warmup_epochs": warmup}, "test")
+    out = as_loss_output(r.loss(_recipe_inputs(s, t, y, epoch)))
+    tckd, nckd = _np_dkd_exact(s, t, y, 4.0)
+    # mdistiller: min(epoch / warmup, 1) with 1-based epochs -> (epoch + 1) / warmup here
+    np.testing.assert_allclose(np.asarray(out.per_example), _np_ce(s, y) + weight * (tckd + 2.0 * nckd),
+                               rtol=1e-4, atol=1e-5)
+    assert r.teacher_temperature == 4.0 and r.teacher_logits_only
+
+
+def test_dist_recipe_puts_the_intra_term_in_the_batch_terms():
+    from jaxkd.core import as_loss_output
+    from jaxkd.methods import build_recipe
+    s, t, y = _rand(4, b=8, c=6)
+    r = build_recipe({"name": "dist"}, "test")
+    out = as_loss_output(r.loss(_recipe_inputs(s, t, y)))
+    objective = float(np.mean(np.asarray(out.per_example)) + sum(float(v) for v in out.batch_terms.values()))
+    # CE weight 1, KD weight 2 on the authors' module value (beta = gamma = 1, tau = 4)
+    expected = _np_ce(s, y).mean() + 2.0 * _np_dist_reference(s, t, 1.0, 1.0, 4.0)
+    np.testing.assert_allclose(objective, expected, rtol=1e-5)
+    assert set(out.batch_terms) == {"dist_intra"}
+
+
+def test_hinton_kd_ls_recipe_and_standardised_methods_refuse_top_k_caches():
+    from jaxkd.core import as_loss_output
+    from jaxkd.methods import build_recipe
+    s, t, y = _rand(5)
+    r = build_recipe({"name": "hinton_kd_ls"}, "test")
+    out = as_loss_output(r.loss(_recipe_inputs(s, t, y)))
+    zs, zt = _np_standardize(s), _np_standardize(t)
+    kd = 4.0 * _np_kl(_np_softmax(zt / 2.0), _np_softmax(zs / 2.0))  # T = 2, times T^2
+    np.testing.assert_allclose(np.asarray(out.per_example), 0.1 * _np_ce(s, y) + 9.0 * kd, rtol=1e-4, atol=1e-5)
+    # no softmax-at-T of the raw teacher logits: undeclared, which a top-k cache refuses
+    assert r.teacher_temperature is None
+    assert build_recipe({"name": "dkd", "standardize": True}, "test").teacher_temperature is None
+    assert build_recipe({"name": "dist", "standardize": True}, "test").teacher_temperature is None
