@@ -56,7 +56,9 @@ def base_config() -> ml_collections.ConfigDict:
     # parameter (RepDistiller), or regexes of parameter paths ("student/fc/kernel") that decay.
     c.optim = ml_collections.ConfigDict(dict(
         name="sgd", lr=0.05, momentum=0.9, nesterov=False, weight_decay=5e-4, schedule="step",
-        milestones=(), decay=0.1, warmup_epochs=0.0, kwargs={}, clip_grad_norm=None, weight_decay_mask=None))
+        milestones=(), decay=0.1, warmup_epochs=0.0, kwargs={}, clip_grad_norm=None, weight_decay_mask=None,
+        # zero SGD's momentum at each milestone, as a PyTorch script that re-creates its optimizer there
+        reset_momentum_at_milestones=False))
     c.train = ml_collections.ConfigDict(dict(
         num_epochs=10, eval_every_epochs=1, checkpoint_every_steps=0, keep_checkpoints=3,
         max_inflight_steps=2, num_devices=None, progress=True, log_every_steps=50,
@@ -236,7 +238,8 @@ def upgrade_config(stored: dict, accepted_options=None) -> dict:
       every method are dropped where they still hold those defaults and the method does not take
       them (``accepted_options(name) -> set``, default: keep everything); Apprentice's
       ``kd_temperature`` is its ``temperature``.
-    * ``optim`` gains ``kwargs``, ``clip_grad_norm`` and ``weight_decay_mask`` (none of them set).
+    * ``optim`` gains ``kwargs``, ``clip_grad_norm``, ``weight_decay_mask`` and
+      ``reset_momentum_at_milestones`` (none of them set).
 
     Returns a new dict; the input is not changed.
     """
@@ -263,6 +266,7 @@ def upgrade_config(stored: dict, accepted_options=None) -> dict:
         if isinstance(stage, dict) and "method" in stage:
             stage["method"] = method(stage["method"])
     optim = cfg.setdefault("optim", {})
-    for key, default in (("kwargs", {}), ("clip_grad_norm", None), ("weight_decay_mask", None)):
+    for key, default in (("kwargs", {}), ("clip_grad_norm", None), ("weight_decay_mask", None),
+                         ("reset_momentum_at_milestones", False)):
         optim.setdefault(key, default)
     return cfg

@@ -123,7 +123,8 @@ def test_configs_stored_by_earlier_versions_load():
     assert new["method"] == {"name": "ce"}
     assert new["stages"][0]["method"] == {"name": "apprentice", "temperature": 2.0}  # the renamed option
     assert new["stages"][1]["method"] == stored["stages"][1]["method"]  # hinton_kd takes them all
-    assert new["optim"] == {"name": "sgd", "lr": 0.1, "kwargs": {}, "clip_grad_norm": None, "weight_decay_mask": None}
+    assert new["optim"] == {"name": "sgd", "lr": 0.1, "kwargs": {}, "clip_grad_norm": None, "weight_decay_mask": None,
+                            "reset_momentum_at_milestones": False}
     assert stored["method"]["temperature"] == 4.0  # the input is not changed
     for m in (new["method"], *(s["method"] for s in new["stages"])):
         build_recipe(m)  # every upgraded method builds
