@@ -36,6 +36,9 @@ def base_config() -> ml_collections.ConfigDict:
         # subset_seed, class-stratified) as a validation set that picks the best checkpoint; 0 picks it
         # on eval_split, as the reference code (RepDistiller) does.
         val_fraction=0.0,
+        # > 1: each training epoch holds every example this many times (data.RepeatedSource; batches
+        # carry "copy"), e.g. once per teacher's soft labels for the relabel_data_kd method
+        copies=1,
     ))
     # model.init_from: a work dir whose best student initialises a fresh run (not a resume);
     # "{seed}" in it is replaced by config.seed.
@@ -200,6 +203,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     vf = d.get("val_fraction", 0.0)
     _require(isinstance(vf, (int, float)) and not isinstance(vf, bool) and 0.0 <= vf < 1.0, "data.val_fraction",
              "must be a number in [0, 1) (0: pick the best checkpoint on data.eval_split)", vf)
+    copies = d.get("copies", 1)
+    _require(isinstance(copies, int) and not isinstance(copies, bool) and copies >= 1, "data.copies",
+             "must be an int >= 1", copies)
     _require(isinstance(t.num_epochs, int) and t.num_epochs > 0, "train.num_epochs", "must be a positive int",
              t.num_epochs)
     _require(isinstance(t.max_inflight_steps, int) and t.max_inflight_steps >= 1, "train.max_inflight_steps",

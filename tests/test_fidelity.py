@@ -214,3 +214,76 @@ def test_sgd_momentum_reset_at_milestones_equals_recreated_torch_style_sgd():
         optim_lib.make_optimizer({**cfg, "name": "adam"}, spe, epochs)
     with pytest.raises(ConfigError, match="reset_momentum_at_milestones"):
         optim_lib.make_optimizer({**cfg, "schedule": "cosine"}, spe, epochs)
+
+
+# ----------------------------------------------------------------------------- relabelled data
+
+def test_repeated_source_epoch_holds_every_example_once_per_copy_and_resumes_exactly():
+    from jaxkd.data import ArraySource, RepeatedSource, train_batches
+    m, copies, b = 10, 3, 6
+    src = ArraySource(np.arange(m, dtype=np.float32).reshape(m, 1, 1, 1), np.arange(m) % 4, np.arange(100, 100 + m))
+    rep = RepeatedSource(src, copies)
+    assert len(rep) == 30
+    one = rep.gather([0, 10, 29])
+    np.testing.assert_array_equal(one["id"], [100, 100, 109])
+    np.testing.assert_array_equal(one["copy"], [0, 1, 2])
+    np.testing.assert_array_equal(one["copy_onehot"], np.eye(3, dtype=bool)[[0, 1, 2]])
+    np.testing.assert_array_equal(rep.labels, np.tile(np.arange(m) % 4, 3))
+    it = train_batches(rep, b, seed=0)
+    batches = [next(it) for _ in range(5)]  # 5 x 6 = 30 rows: one epoch of the repeated set
+    pairs = [(int(i), int(c)) for bt in batches for i, c in zip(bt["id"], bt["copy"])]
+    assert sorted(pairs) == [(100 + e, c) for e in range(m) for c in range(copies)]  # each pair once
+    assert pairs != sorted(pairs, key=lambda p: (p[1], p[0]))  # shuffled, not copy by copy
+    # exact resume in the middle of the epoch
+    it2 = train_batches(rep, b, seed=0)
+    for _ in range(2):
+        next(it2)
+    state = it2.get_state()
+    it3 = train_batches(rep, b, seed=0)
+    it3.set_state(state)
+    for want in batches[2:]:
+        got = next(it3)
+        for key in ("image", "id", "copy", "index"):
+            np.testing.assert_array_equal(got[key], want[key])
+    with pytest.raises(ValueError, match="copies"):
+        RepeatedSource(src, 0)
+
+
+def test_relabel_data_kd_matches_numpy_and_its_gradient():
+    rng = np.random.default_rng(7)
+    n, b, c, T = 3, 5, 4, 2.0
+    s = rng.normal(size=(b, c)).astype(np.float32)
+    t = rng.normal(size=(n, b, c)).astype(np.float32)
+    copy = np.array([0, 2, 1, 2, 0])
+    p = _np_softmax(t[copy, np.arange(b)].astype(np.float64) / T)
+    q = _np_softmax(s.astype(np.float64) / T)
+    want = T ** 2 * np.sum(p * np.log(p / q), -1)
+    got = losses.relabel_data_kd(jnp.asarray(s), jnp.asarray(t), jnp.asarray(copy), T)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    onehot = np.eye(n, dtype=bool)[copy]
+    np.testing.assert_allclose(losses.relabel_data_kd(jnp.asarray(s), jnp.asarray(t), jnp.asarray(onehot), T),
+                               want, rtol=1e-5, atol=1e-6)
+    # closed form: d mean_i T^2 KL(p_{copy_i} || q_i) / d s = T (q - p) / B
+    g = jax.grad(lambda z: jnp.mean(losses.relabel_data_kd(z, jnp.asarray(t), jnp.asarray(copy), T)))(jnp.asarray(s))
+    np.testing.assert_allclose(g, T * (q - p) / b, rtol=1e-4, atol=1e-7)
+    # over all copies of each example the mean is relabel_kd's (uniform averaging's gradient)
+    every = np.mean([np.asarray(losses.relabel_data_kd(jnp.asarray(s), jnp.asarray(t), jnp.full(b, k), T))
+                     for k in range(n)], 0)
+    np.testing.assert_allclose(every, losses.relabel_kd(jnp.asarray(s), jnp.asarray(t), T), rtol=1e-5)
+    with pytest.raises(ValueError, match="num_teachers"):
+        losses.relabel_data_kd(jnp.asarray(s), jnp.asarray(t), jnp.ones((b, 2), bool), T)
+
+
+def test_relabel_data_kd_through_config_and_loop(tmp_path, digits_teacher):
+    """Two teachers, data.copies = 2: an epoch is twice as many steps; copies != teachers is refused."""
+    from _configs import digits_config
+    from jaxkd.train.loop import train_and_evaluate
+    teacher = digits_teacher[0]
+    cfg = dict(**{"model.kwargs": {"hidden": (16,)}, "data.num_train_examples": 128, "train.num_epochs": 1,
+                  "teacher.workdir": [teacher, teacher], "method": {"name": "relabel_data_kd"}})
+    s = train_and_evaluate(digits_config(**cfg, **{"data.copies": 2}), str(tmp_path / "relabel"))
+    assert s["steps"] == 2 * (128 // 64)
+    with pytest.raises(Exception, match="copies"):
+        train_and_evaluate(digits_config(**cfg, **{"data.copies": 3}), str(tmp_path / "bad"))
+    with pytest.raises(Exception, match="data.copies"):
+        train_and_evaluate(digits_config(**cfg), str(tmp_path / "none"))

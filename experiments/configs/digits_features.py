@@ -31,7 +31,11 @@ def feature_presets(first_stage_epochs: int, total_epochs: int) -> dict:
         "fsp": {"stages": [
             {"name": "fsp_init", "num_epochs": first_stage_epochs, "method": {"name": "fsp"}},
             {"name": "train", "num_epochs": rest, "method": {"name": "ce"}}]},
-        "bss": {"method": {"name": "bss", "temperature": 3.0}},
+        # "bss": the options of the recorded runs (jaxkd's reading before issue 19); "bss_ref":
+        # the reference's epoch count, adversarial forward and BN update (the recipe's defaults)
+        "bss": {"method": {"name": "bss", "temperature": 3.0, "epoch_origin": 0, "adv_rows": "all",
+                           "adv_bn_update": False}},
+        "bss_ref": {"method": {"name": "bss", "temperature": 3.0}},
     }
 
 
