@@ -287,3 +287,30 @@ def test_relabel_data_kd_through_config_and_loop(tmp_path, digits_teacher):
         train_and_evaluate(digits_config(**cfg, **{"data.copies": 3}), str(tmp_path / "bad"))
     with pytest.raises(Exception, match="data.copies"):
         train_and_evaluate(digits_config(**cfg), str(tmp_path / "none"))
+
+
+# ----------------------------------------------------------------------------- the study's presets
+
+def test_fidelity_presets_build_and_differ_only_where_named():
+    import os
+    from jaxkd.config import apply_overrides, load_config, validate
+    from jaxkd.experiment import preset_config
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    c = load_config(os.path.join(root, "experiments/configs/fashion_fidelity.py"))
+    built = {}
+    for name in c.presets:
+        p = apply_overrides(preset_config(c, name), ["data.num_train_examples=3000"])
+        validate(p)
+        methods = [s["method"] for s in p.stages] if p.get("stages") else [p.method]
+        built[name] = ([build_recipe(m) for m in methods], p)
+    two, no_t2 = (c.presets[n].to_dict()["stages"] for n in ("fitnets_two_stage", "fitnets_two_stage_no_t2"))
+    assert two[1]["method"].pop("t2") is True and no_t2[1]["method"].pop("t2") is False and two == no_t2
+    assert built["ens_relabel_data"][1].data.copies == 3 and built["ens_avg"][1].data.copies == 1
+    assert built["ens_avg_long"][1].train.num_epochs == 3 * built["ens_avg"][1].train.num_epochs
+    assert built["meal_v2_ref"][0][0].aux_optim is None and built["meal_v2_gan"][0][0].aux_optim is not None
+    # the digits feature presets keep their recorded names and options, with the new ones beside
+    d = load_config(os.path.join(root, "experiments/configs/digits_features.py")).presets.to_dict()
+    assert {"fitnets_two_stage", "fitnets_two_stage_no_t2", "at", "at_paper", "bss", "bss_ref"} <= set(d)
+    assert "t2" not in d["fitnets_two_stage"]["stages"][1]["method"]
+    assert d["bss"]["method"] == {"name": "bss", "temperature": 3.0, "epoch_origin": 0, "adv_rows": "all",
+                                  "adv_bn_update": False}
