@@ -245,7 +245,7 @@ def upgrade_config(stored: dict, accepted_options=None) -> dict:
       them (``accepted_options(name) -> set``, default: keep everything); Apprentice's
       ``kd_temperature`` is its ``temperature``.
     * ``optim`` gains ``kwargs``, ``clip_grad_norm``, ``weight_decay_mask`` and
-      ``reset_momentum_at_milestones`` (none of them set).
+      ``reset_momentum_at_milestones`` (none of them set); ``data`` gains ``copies`` (1).
 
     Returns a new dict; the input is not changed.
     """
@@ -271,6 +271,8 @@ def upgrade_config(stored: dict, accepted_options=None) -> dict:
     for stage in cfg.get("stages") or ():
         if isinstance(stage, dict) and "method" in stage:
             stage["method"] = method(stage["method"])
+    if isinstance(cfg.get("data"), dict):
+        cfg["data"].setdefault("copies", 1)
     optim = cfg.setdefault("optim", {})
     for key, default in (("kwargs", {}), ("clip_grad_norm", None), ("weight_decay_mask", None),
                          ("reset_momentum_at_milestones", False)):

@@ -118,8 +118,9 @@ def test_configs_stored_by_earlier_versions_load():
                                                       "temperature": 4.0, "alpha": 0.9, "gamma": 0.1, "mode": "kl"}},
                          {"num_epochs": 1, "method": {"name": "hinton_kd", "temperature": 4.0, "alpha": 0.9,
                                                       "gamma": 0.1, "mode": "kl"}}],
-              "optim": {"name": "sgd", "lr": 0.1}}
+              "optim": {"name": "sgd", "lr": 0.1}, "data": {"name": "digits"}}
     new = config_lib.upgrade_config(stored, lambda n: set(recipe_options(n)))
+    assert new["data"] == {"name": "digits", "copies": 1} and stored["data"] == {"name": "digits"}
     assert new["method"] == {"name": "ce"}
     assert new["stages"][0]["method"] == {"name": "apprentice", "temperature": 2.0}  # the renamed option
     assert new["stages"][1]["method"] == stored["stages"][1]["method"]  # hinton_kd takes them all
