@@ -65,6 +65,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxkd.models.layers import check_positive_int, check_rate
 
@@ -228,8 +229,10 @@ class Transformer(nn.Module):
         if length > self.max_len:
             raise ValueError(f"sequence length {length} exceeds max_len={self.max_len}")
         if not isinstance(ids, jax.core.Tracer) and ids.size:
-            # an out-of-range id would be silently clipped by the lookup; checkable outside jit
-            lo, hi = int(jnp.min(ids)), int(jnp.max(ids))
+            # an out-of-range id would be silently clipped by the lookup; checkable when the ids
+            # are concrete (numpy, not jnp, so a concrete array closed over by a jit works too)
+            concrete = np.asarray(ids)
+            lo, hi = int(concrete.min()), int(concrete.max())
             if lo < 0 or hi >= self.vocab_size:  # type: ignore[operator]
                 raise ValueError(
                     f"token ids must be in [0, vocab_size={self.vocab_size}); got values in "
