@@ -13,3 +13,8 @@ from jaxkd.losses import ensemble as _ensemble
 from jaxkd.losses.ensemble import *  # noqa: F401,F403  (multi-teacher losses)
 
 __all__ += list(_ensemble.__all__)
+
+from jaxkd.losses import transformer as _transformer
+from jaxkd.losses.transformer import *  # noqa: F401,F403  (TinyBERT, MiniLM attention losses)
+
+__all__ += list(_transformer.__all__)
