@@ -223,11 +223,11 @@ def tinybert_hidden_loss(student_hidden_projected: chex.Array, teacher_hidden: c
     """TinyBERT hidden-state / embedding loss (eqs. 8-9), per example: MSE between the
     projected student states ``H^S W_h`` and the teacher's ``H^T``.
 
-    The projection ``W_h`` (``D_s -> D_t``) is learnable and belongs to the student; in the
-    official code it is one ``nn.Linear`` (``fit_dense`` in
-    ``TinyBERT/transformer/modeling.py``) *shared* by the embeddings and all layers, so apply
-    the same ``nn.Dense(D_t)`` to every student tap (``embeddings``, ``layer{i}/hidden``)
-    before calling this loss. Layers are paired by :func:`uniform_layer_map`, embeddings with
+    The projection ``W_h`` (``D_s -> D_t``) is learnable and belongs to the student. The paper
+    writes a separate ``W_e`` for the embeddings; the official code has one ``nn.Linear``
+    (``fit_dense`` in ``TinyBERT/transformer/modeling.py``) *shared* by the embeddings and all
+    layers: to follow it, apply the same ``nn.Dense(D_t)`` to every student tap
+    (``embeddings``, ``layer{i}/hidden``) before calling this loss. Layers are paired by :func:`uniform_layer_map`, embeddings with
     embeddings.
 
     * ``"masked"`` (default): ``loss_b = sum_{l,d} m_l (h^S_ld - h^T_ld)^2 / (n_b * D)`` over

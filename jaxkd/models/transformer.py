@@ -196,8 +196,8 @@ class Transformer(nn.Module):
             check_positive_int(self.vocab_size, "vocab_size")
             check_positive_int(self.max_len, "max_len")
             if not _is_int(self.pad_id) or not 0 <= self.pad_id < self.vocab_size:
-                raise ValueError(
-                    f"pad_id must be an int in [0, vocab_size={self.vocab_size}); got {self.pad_id!r}")
+                raise ValueError(f"pad_id must be an int in [0, vocab_size={self.vocab_size}); "
+                                 f"got {self.pad_id!r}")
         if self.pool not in POOLS:
             raise ValueError(f"pool must be one of {POOLS}; got {self.pool!r}")
         check_rate(self.dropout_rate, "dropout_rate")
@@ -251,8 +251,8 @@ class Transformer(nn.Module):
             x, mask = self._embed_tokens(x)
         if self.pool == "cls":
             cls = self.param("cls", nn.initializers.zeros, (1, 1, self.dim))
-            x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (x.shape[0], 1, self.dim)), x],
-                                axis=1)
+            cls = jnp.broadcast_to(cls.astype(self.dtype), (x.shape[0], 1, self.dim))
+            x = jnp.concatenate([cls, x], axis=1)
             mask = jnp.concatenate([jnp.ones((x.shape[0], 1), jnp.float32), mask], axis=1)
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         features: dict[str, Array] = {"token_mask": mask, "embeddings": x}
