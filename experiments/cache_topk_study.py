@@ -34,6 +34,7 @@ from cache_views_study import _fmt, _run, setup  # noqa: E402
 from jaxkd import config as config_lib  # noqa: E402
 from jaxkd.experiment import _mean_std as _ms, write_report  # noqa: E402
 from jaxkd.train import teacher_cache as cache_lib  # noqa: E402
+from jaxkd.train.cache_build import build_teacher_cache  # noqa: E402
 
 
 def main():
@@ -56,7 +57,7 @@ def main():
         path = os.path.join(w, name)
         if not os.path.exists(os.path.join(path, cache_lib.MANIFEST)):
             t = time.perf_counter()
-            cache_lib.build_teacher_cache(with_teacher, None, path, **kw)
+            build_teacher_cache(with_teacher, None, path, **kw)
             print(f"{name}: {time.perf_counter() - t:.1f} s", flush=True)
         return path, cache_lib.open_teacher_cache(path).manifest
 

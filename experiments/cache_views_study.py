@@ -32,6 +32,7 @@ sys.path.insert(0, ROOT)
 from jaxkd import config as config_lib  # noqa: E402
 from jaxkd.experiment import _mean_std as _ms, teacher_config, write_report  # noqa: E402
 from jaxkd.train import teacher_cache as cache_lib  # noqa: E402
+from jaxkd.train.cache_build import build_teacher_cache  # noqa: E402
 from jaxkd.train.loop import train_and_evaluate  # noqa: E402
 
 CONFIG = os.path.join(ROOT, "experiments/configs/fashion_mnist.py")
@@ -95,7 +96,7 @@ def main():
         if not os.path.exists(os.path.join(path, cache_lib.MANIFEST)):
             cfg = config_lib.apply_overrides(base, [f"teacher.workdir={teacher_dir!r}", f"data.augment={CROPS!r}"])
             t = time.perf_counter()
-            cache_lib.build_teacher_cache(cfg, None, path, num_views=k)
+            build_teacher_cache(cfg, None, path, num_views=k)
             print(f"cache with {k} views: {time.perf_counter() - t:.0f} s", flush=True)
         caches[k] = path
 

@@ -13,7 +13,7 @@ import numpy as np
 from jaxkd import config as config_lib
 from jaxkd import data as data_lib
 from jaxkd import models as models_lib
-from jaxkd.train import loop, step as step_lib
+from jaxkd.train import setup as setup_lib, step as step_lib
 from jaxkd.train.recipes import build_recipe
 
 
@@ -31,7 +31,7 @@ def main():
     sample = jnp.zeros((1, *info.input_shape), jnp.float32)
     single = models_lib.create_model(cfg.teacher.name, info.num_classes, **dict(cfg.teacher.kwargs))
     recipes = [build_recipe({"name": "ensemble_kd"})]
-    model, variables, _ = loop.load_teachers(cfg, single, sample, recipes, info.num_classes)
+    model, variables, _ = setup_lib.load_teachers(cfg, single, sample, recipes, info.num_classes)
     probs = jax.jit(lambda v, x: jax.nn.softmax(model.apply(v, pipeline(None, x, train=False), train=False)[0]))
     correct_each, correct_ens, n = 0, 0, 0
     for batch in data_lib.eval_batches(eval_src, d.eval_batch_size):

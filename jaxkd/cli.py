@@ -126,7 +126,7 @@ def run(argv: list[str] | None = None) -> int:
     elif args.command == "refine":
         _refine(config, args)
     elif args.command == "cache-teacher":
-        from jaxkd.train.teacher_cache import build_teacher_cache
+        from jaxkd.train.cache_build import build_teacher_cache
         manifest = build_teacher_cache(config, None, args.workdir, batch_size=args.batch_size,
                                        progress=not args.no_progress, num_views=args.views,
                                        view_seed=args.view_seed, dtype=args.dtype, top_k=args.top_k,
@@ -169,25 +169,16 @@ def initialize_distributed(coordinator: str | None, num_processes: int | None, p
 def evaluate_workdir(config, workdir: str, which: str = "best") -> dict:
     """Eval accuracy of the student stored in ``workdir`` on ``config.data``'s eval split."""
     import jax
-    import jax.numpy as jnp
 
-    from jaxkd import data as data_lib
-    from jaxkd import models as models_lib
-    from jaxkd.train import checkpoint as ckpt_lib
+    from jaxkd.train import setup as setup_lib
     from jaxkd.train import step as step_lib
-    from jaxkd.train.loop import evaluate
+    from jaxkd.train.evaluation import evaluate
 
-    d = config.data
-    info, _, eval_src = data_lib.load_dataset(d.name, data_dir=d.data_dir, train_split=d.train_split,
-                                              eval_split=d.eval_split, builder_kwargs=dict(d.builder_kwargs),
-                                              download=d.download)
-    model = models_lib.create_model(config.model.name, info.num_classes, **dict(config.model.kwargs))
-    template = model.init(jax.random.PRNGKey(0), jnp.zeros((1, *info.input_shape), jnp.float32))
-    variables, meta = ckpt_lib.load_model_variables(workdir, template, which, what="student")
+    _, eval_src, model, pipeline, variables, meta = setup_lib.build_eval(config, workdir, which)
     mesh = step_lib.make_mesh(config.train.num_devices)
-    pipeline = step_lib.InputPipeline(mean=tuple(info.mean), std=tuple(info.std))
     result = evaluate(step_lib.make_eval_step(model, pipeline, mesh=mesh),
-                      jax.device_put(variables, step_lib.replicated(mesh)), eval_src, d.eval_batch_size, mesh)
+                      jax.device_put(variables, step_lib.replicated(mesh)), eval_src, config.data.eval_batch_size,
+                      mesh)
     result["checkpoint"] = which
     result["epoch"] = (meta or {}).get("epoch")
     return result
@@ -195,8 +186,7 @@ def evaluate_workdir(config, workdir: str, which: str = "best") -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     from jaxkd.data import DatasetNotFoundError
-    from jaxkd.train.checkpoint import CheckpointError
-    from jaxkd.train.loop import TrainingError
+    from jaxkd.errors import CheckpointError, TrainingError
 
     try:
         sys.exit(run(argv))

@@ -3,6 +3,11 @@
 A config file defines ``get_config() -> ml_collections.ConfigDict`` (the JAX-ecosystem
 convention). :func:`base_config` gives every key with its default; config files start from
 it and change what they need, so an override of an unknown key fails with a clear message.
+
+This module knows the keys every run has. What a method, a model or an optimizer accepts is
+checked where they are built (:mod:`jaxkd.train.setup`): ``config.method`` holds only ``name`` by
+default and takes the options of whichever method it names (its factory's signature). It
+imports nothing of jaxkd but :mod:`jaxkd.errors`.
 """
 
 from __future__ import annotations
@@ -15,9 +20,9 @@ from typing import Any, Iterable
 
 import ml_collections
 
+from jaxkd.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A bad configuration value; the message names the key."""
+__all__ = ["ConfigError", "apply_overrides", "base_config", "load_config", "set_path", "upgrade_config", "validate"]
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -43,11 +48,15 @@ def base_config() -> ml_collections.ConfigDict:
     # Several teachers (multi-teacher methods): a list of {name, kwargs, workdir, checkpoint}
     # (name/kwargs default to config.teacher's); when set, it replaces config.teacher.
     c.teachers = None
-    c.method = ml_collections.ConfigDict(dict(name="hinton_kd", temperature=4.0, alpha=0.9, gamma=0.1,
-                                              mode="kl"))
+    # the method and its options: {"name": ..., **options of that method} (see jaxkd.core.build_recipe)
+    c.method = ml_collections.ConfigDict(dict(name="hinton_kd"))
+    # optim.name: "sgd" (PyTorch-style: weight decay added to the gradient before momentum), "adam",
+    # "adamw", or any other optax optimizer, called with learning_rate=<schedule> and optim.kwargs;
+    # clip_grad_norm: clip the gradient's global norm first; weight_decay_mask: None decays every
+    # parameter (RepDistiller), or regexes of parameter paths ("student/fc/kernel") that decay.
     c.optim = ml_collections.ConfigDict(dict(
         name="sgd", lr=0.05, momentum=0.9, nesterov=False, weight_decay=5e-4, schedule="step",
-        milestones=(), decay=0.1, warmup_epochs=0.0))
+        milestones=(), decay=0.1, warmup_epochs=0.0, kwargs={}, clip_grad_norm=None, weight_decay_mask=None))
     c.train = ml_collections.ConfigDict(dict(
         num_epochs=10, eval_every_epochs=1, checkpoint_every_steps=0, keep_checkpoints=3,
         max_inflight_steps=2, num_devices=None, progress=True, log_every_steps=50,
@@ -58,6 +67,8 @@ def base_config() -> ml_collections.ConfigDict:
     # Optional stages: a sequence of {"name", "num_epochs", "method": {...}, "optim": {...}};
     # None runs one stage with config.method for config.train.num_epochs.
     c.stages = None
+    # Auxiliary modules (heads) loaded from earlier runs: {module name: work dir} (its newest run checkpoint).
+    c.aux_init_from = {}
     # Named variants for `jaxkd compare --methods a,b`: {name: {dotted.key: value, ...}}.
     c.presets = {}
     # Used by `jaxkd compare` for the teacher run (model = config.teacher).
@@ -89,17 +100,46 @@ def _parse_value(text: str) -> Any:
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str]) -> ml_collections.ConfigDict:
-    """Applies ``a.b.c=value`` overrides (values parsed as Python literals, else strings)."""
+    """Applies ``a.b.c=value`` overrides (values parsed as Python literals, else strings).
+
+    ``method.name``, ``model.name`` and ``teacher.name`` are applied first; when one changes the
+    name, the options set for the old one are dropped (``method`` keeps only its ``name``, the
+    model's ``kwargs`` become ``{}``), so ``method.name=ce`` on a KD config trains plain CE and
+    ``model.name=cnn`` on an mlp config builds the default cnn. Options given in the same
+    overrides are applied after it.
+    """
     config = ml_collections.ConfigDict(config.to_dict())
+    pairs = []
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         key, text = item.split("=", 1)
-        set_path(config, key.strip(), _parse_value(text.strip()))
+        pairs.append((key.strip(), _parse_value(text.strip())))
+    for key, value in names_first(pairs):
+        set_path(config, key, value)
     return config
 
 
+_NAMED = {"method.name": ("method", None), "model.name": ("model", "kwargs"), "teacher.name": ("teacher", "kwargs")}
+
+
+def names_first(items):
+    """``(dotted key, value)`` pairs with the ``*.name`` keys of :data:`_NAMED` first (stable)."""
+    items = list(items)
+    return [kv for kv in items if kv[0] in _NAMED] + [kv for kv in items if kv[0] not in _NAMED]
+
+
 def set_path(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
+    """Sets the dotted ``key`` (which must exist, except inside free-form dicts) to ``value``.
+
+    A changed ``method.name``/``model.name``/``teacher.name`` drops the options of the old
+    name (see :func:`apply_overrides`)."""
+    if key in _NAMED and key.split(".")[0] in config and config[key.split(".")[0]].get("name") != value:
+        section, kwargs = _NAMED[key]
+        if kwargs is None:
+            config[section] = ml_collections.ConfigDict({"name": value})
+            return
+        config[section][kwargs] = {}
     node = config
     parts = key.split(".")
     for i, part in enumerate(parts):
@@ -122,14 +162,15 @@ def set_path(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
 
 
 # Names users commonly reach for, mapped to ours (for "did you mean" hints).
-_ALIASES = {"learning_rate": "lr", "epochs": "num_epochs", "wd": "weight_decay", "T": "temperature",
+_ALIASES = {"learning_rate": "lr", "epochs": "num_epochs", "wd": "weight_decay",
             "batch": "batch_size", "dataset": "name", "lr_schedule": "schedule", "optimizer": "name"}
 
 
 def _open_dict(prefix: list[str]) -> bool:
     # Free-form dicts whose keys are not known in advance.
     # (``method`` takes the options of whichever method is chosen)
-    return bool(prefix) and prefix[-1] in ("kwargs", "builder_kwargs", "augment", "method", "presets")
+    return bool(prefix) and prefix[-1] in ("kwargs", "builder_kwargs", "augment", "method", "presets",
+                                           "aux_init_from")
 
 
 def _require(cond: bool, key: str, msg: str, value: Any) -> None:
@@ -138,12 +179,10 @@ def _require(cond: bool, key: str, msg: str, value: Any) -> None:
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
-    """Checks value ranges and names; raises :class:`ConfigError` naming the first bad key."""
-    from jaxkd.models import list_models
-    from jaxkd.train.optim import OPTIMIZERS, SCHEDULES
-    from jaxkd.train.recipes import RECIPES
-
-    d, o, t, m = config.data, config.optim, config.train, config.method
+    """Checks the value ranges of the keys every run has; raises :class:`ConfigError` naming the
+    first bad key. Names (models, methods and their options, optimizers) are checked where they
+    are built, by :func:`jaxkd.train.setup.build_run`."""
+    d, o, t = config.data, config.optim, config.train
     _require(isinstance(d.batch_size, int) and d.batch_size > 0, "data.batch_size", "must be a positive int",
              d.batch_size)
     _require(isinstance(d.eval_batch_size, int) and d.eval_batch_size > 0, "data.eval_batch_size",
@@ -169,28 +208,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
              t.get("on_nonfinite"))
     _require(isinstance(t.get("max_consecutive_skips", 1), int) and t.get("max_consecutive_skips", 1) >= 1,
              "train.max_consecutive_skips", "must be an int >= 1", t.get("max_consecutive_skips"))
-    _require(o.name in OPTIMIZERS, "optim.name", f"must be one of {OPTIMIZERS}", o.name)
-    _require(o.schedule in SCHEDULES, "optim.schedule", f"must be one of {SCHEDULES}", o.schedule)
-    _require(isinstance(o.lr, (int, float)) and o.lr > 0, "optim.lr", "must be a number > 0", o.lr)
+    _require(isinstance(o.lr, (int, float)) and not isinstance(o.lr, bool) and o.lr > 0, "optim.lr",
+             "must be a number > 0", o.lr)
     _require(isinstance(o.weight_decay, (int, float)) and o.weight_decay >= 0, "optim.weight_decay",
              "must be >= 0", o.weight_decay)
-    _require(0 <= o.momentum < 1, "optim.momentum", "must be in [0, 1)", o.momentum)
-    _require(m.name in RECIPES, "method.name", f"must be one of {sorted(RECIPES)}", m.name)
-    if "temperature" in m:
-        _require(isinstance(m.temperature, (int, float)) and m.temperature > 0, "method.temperature",
-                 "must be a number > 0", m.temperature)
-    for w in ("alpha", "gamma"):
-        if w in m and isinstance(m[w], (int, float)):
-            _require(m[w] >= 0, f"method.{w}", "must be >= 0", m[w])
-    models = list_models()
-    for key in ("model", "teacher"):
-        name = config[key].name
-        if key == "teacher" and not _uses_teacher(m.name):
-            continue
-        if name not in models:
-            close = difflib.get_close_matches(str(name), models, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"config.{key}.name: unknown model {name!r}{hint}; available: {models}")
+    _require(isinstance(config.method.get("name"), str) and config.method.name, "method.name",
+             "must name a method", config.method.get("name"))
     _require(config.teacher.checkpoint in ("best", "last"), "teacher.checkpoint", "must be 'best' or 'last'",
              config.teacher.checkpoint)
     cache = config.teacher.get("cache")
@@ -199,72 +222,47 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     init_from = config.model.get("init_from")
     _require(init_from is None or (isinstance(init_from, str) and init_from), "model.init_from",
              "must be a work dir (a non-empty string) or None", init_from)
-    if _uses_teacher(m.name):
-        teacher_specs(config)
 
 
-def _uses_teacher(method_name: str) -> bool:
-    return method_name != "ce"
+# What config.method held by default before methods took their options from their factories
+# (jaxkd <= 0.1): Hinton KD's keys, present in every stored config whatever the method.
+_LEGACY_METHOD_DEFAULTS = {"temperature": 4.0, "alpha": 0.9, "gamma": 0.1, "mode": "kl"}
 
 
-def method_options(method: ml_collections.ConfigDict) -> dict:
-    """``config.method`` as keyword options for its recipe."""
-    import inspect
+def upgrade_config(stored: dict, accepted_options=None) -> dict:
+    """A config stored by an older jaxkd (a checkpoint's ``meta["config"]``), as this one reads it.
 
-    from jaxkd.train.recipes import RECIPES
+    * ``method`` (and each stage's ``method``): the Hinton KD keys the old base config put in
+      every method are dropped where they still hold those defaults and the method does not take
+      them (``accepted_options(name) -> set``, default: keep everything); Apprentice's
+      ``kd_temperature`` is its ``temperature``.
+    * ``optim`` gains ``kwargs``, ``clip_grad_norm`` and ``weight_decay_mask`` (none of them set).
 
-    method = method.to_dict() if hasattr(method, "to_dict") else dict(method)
-    name = method.get("name")
-    if name not in RECIPES:
-        return method
-    accepted = set(inspect.signature(RECIPES[name]).parameters)
-    # The shared defaults of base_config().method (temperature, alpha, ...) are dropped for
-    # methods that do not take them; any other key must be one the method takes.
-    shared = set(base_config().method.keys())
-    return {"name": name, **{k: v for k, v in method.items() if k in accepted or k not in shared}}
-
-
-def teacher_specs(config: ml_collections.ConfigDict) -> list[dict]:
-    """The teachers a run distils from: ``[{"name", "kwargs", "workdir", "checkpoint"}, ...]``.
-
-    From ``config.teachers`` when set (each entry's ``name``/``kwargs``/``checkpoint`` default
-    to ``config.teacher``'s, ``workdir`` is required), else from ``config.teacher``, whose
-    ``workdir`` may be one work dir or a list of them (teachers of one architecture). One
-    spec means the ordinary single-teacher run. Raises :class:`ConfigError` for a bad value.
+    Returns a new dict; the input is not changed.
     """
-    from jaxkd.models import list_models
+    import copy
 
-    t = config.teacher
-    teachers = config.get("teachers")
-    if teachers is None:
-        workdir = t.workdir
-        if isinstance(workdir, (list, tuple)):
-            _require(len(workdir) > 0 and all(isinstance(w, str) and w for w in workdir), "teacher.workdir",
-                     "must be a work dir or a non-empty list of work dirs", workdir)
-            return [{"name": t.name, "kwargs": dict(t.kwargs), "workdir": w, "checkpoint": t.checkpoint}
-                    for w in workdir]
-        _require(workdir is None or isinstance(workdir, str), "teacher.workdir",
-                 "must be a work dir or a non-empty list of work dirs", workdir)
-        return [{"name": t.name, "kwargs": dict(t.kwargs), "workdir": workdir, "checkpoint": t.checkpoint}]
-    _require(isinstance(teachers, (list, tuple)) and len(teachers) > 0, "teachers",
-             "must be None or a non-empty list of {name, kwargs, workdir, checkpoint}", teachers)
-    specs = []
-    for i, entry in enumerate(teachers):
-        entry = entry.to_dict() if hasattr(entry, "to_dict") else entry
-        _require(isinstance(entry, dict), f"teachers[{i}]", "must be a dict {name, kwargs, workdir, checkpoint}",
-                 entry)
-        unknown = set(entry) - {"name", "kwargs", "workdir", "checkpoint"}
-        if unknown:
-            raise ConfigError(f"config.teachers[{i}] has unknown key(s) {sorted(unknown)}; "
-                              "allowed: name, kwargs, workdir, checkpoint")
-        spec = {"name": entry.get("name", t.name), "kwargs": dict(entry.get("kwargs", t.kwargs) or {}),
-                "workdir": entry.get("workdir"), "checkpoint": entry.get("checkpoint", t.checkpoint)}
-        _require(isinstance(spec["workdir"], str) and spec["workdir"], f"teachers[{i}].workdir",
-                 "must name the work dir of a trained teacher", spec["workdir"])
-        _require(spec["checkpoint"] in ("best", "last"), f"teachers[{i}].checkpoint", "must be 'best' or 'last'",
-                 spec["checkpoint"])
-        if spec["name"] not in list_models():
-            raise ConfigError(f"config.teachers[{i}].name: unknown model {spec['name']!r}; "
-                              f"available: {list_models()}")
-        specs.append(spec)
-    return specs
+    cfg = copy.deepcopy(stored)
+
+    def method(m):
+        if not isinstance(m, dict):
+            return m
+        m = dict(m)
+        if m.get("name") == "apprentice" and "kd_temperature" in m:
+            m["temperature"] = m.pop("kd_temperature")
+        accepted = accepted_options(m.get("name")) if accepted_options else None
+        if accepted is not None:
+            for key, default in _LEGACY_METHOD_DEFAULTS.items():
+                if key in m and key not in accepted and m[key] == default:
+                    del m[key]
+        return m
+
+    if "method" in cfg:
+        cfg["method"] = method(cfg["method"])
+    for stage in cfg.get("stages") or ():
+        if isinstance(stage, dict) and "method" in stage:
+            stage["method"] = method(stage["method"])
+    optim = cfg.setdefault("optim", {})
+    for key, default in (("kwargs", {}), ("clip_grad_norm", None), ("weight_decay_mask", None)):
+        optim.setdefault(key, default)
+    return cfg

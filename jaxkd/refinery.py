@@ -60,7 +60,7 @@ def generation_config(config: ml_collections.ConfigDict, generation: int, prev_m
     method = config.method.to_dict()
     if method.get("name") != "label_refinery":
         method = {"name": "label_refinery"}
-    c.method = ml_collections.ConfigDict(config_lib.method_options(ml_collections.ConfigDict(method)))
+    c.method = ml_collections.ConfigDict(method)
     c.teacher.name = prev_model["name"]
     c.teacher.kwargs = dict(prev_model.get("kwargs") or {})
     c.teacher.workdir = prev_workdir

@@ -3,9 +3,6 @@ sharding, clamping, no teacher gradients, statistics, loss weights and loss."""
 
 import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +17,12 @@ from jaxkd.models import create_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B, K = 24, 16
-OPTS = BSSOptions(step_size=0.5, max_iters=4, clip_min=-1.5, clip_max=1.5, max_base_samples=K)
+# The reference loop below carries its own constants: the test's step size, iteration cap and clamp
+# (passed to the generator through OPTS) and the paper's +1e-4 in the step size (never read from
+# the code under test, so a changed BSSOptions.eps default fails the comparison).
+ETA, MAX_ITERS, CLIP = 0.5, 4, 1.5
+PAPER_EPS = 1e-4
+OPTS = BSSOptions(step_size=ETA, max_iters=MAX_ITERS, clip_min=-CLIP, clip_max=CLIP, max_base_samples=K)
 TEACHER = create_model("mlp", 10, hidden=(16,))
 
 
@@ -99,18 +101,17 @@ def check_against_reference(variables, x, labels, t_logits, s_logits, res):
         b, t = int(labels[index[j]]), int(res.target_class[j])
         assert res.base_class[j] == b and t != b
         steps, reason = 0, None
-        for it in range(OPTS.max_iters + 1):
+        for it in range(MAX_ITERS + 1):
             f, g = (np.asarray(a) for a in _logits_and_grad(variables, jnp.asarray(xj), b, t))
             pred = int(np.argmax(f))
             if pred != b:
                 reason = STOP_TARGET if pred == t else STOP_OTHER
                 break
-            if it == OPTS.max_iters:
+            if it == MAX_ITERS:
                 reason = STOP_MAX_ITERS
                 break
             norm = np.sqrt(np.sum(g.astype(np.float32) ** 2))
-            xj = np.clip(xj + OPTS.step_size * (f[b] - f[t] + OPTS.eps) * g / norm,
-                         OPTS.clip_min, OPTS.clip_max).astype(np.float32)
+            xj = np.clip(xj + ETA * (f[b] - f[t] + PAPER_EPS) * g / norm, -CLIP, CLIP).astype(np.float32)
             steps += 1
         assert (res.iterations[j], res.stop_reason[j]) == (steps, reason), j
         np.testing.assert_allclose(res.x_adv[j], xj[0], atol=2e-5, rtol=1e-5)
@@ -248,16 +249,13 @@ def test_compiles_once(setup):
     assert len(active_sets) > 1
 
 
-SHARDED_SCRIPT = textwrap.dedent("""
-    import os, sys, json
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-    sys.path.insert(0, os.path.join(os.getcwd(), "tests"))
-    import jax, jax.numpy as jnp, numpy as np
+def eight_devices_bss(ctx):
+    """(In the 8-device child, tests/_eight_devices.py) the `setup` fixture's batch split over a
+    data axis of 8 devices, with and without row_sharding."""
     from jax.sharding import NamedSharding, PartitionSpec as P
-    assert jax.device_count() == 8, jax.devices()
-    from test_bss import OPTS, teacher_apply, make_batch, init_teacher
-    from jaxkd.methods.bss import boundary_supporting_samples
+
     from jaxkd.train import make_mesh
+
     v = init_teacher()
     x, labels, s_logits, _ = make_batch(1, v)  # the batch of the `setup` fixture
     out = {}
@@ -273,18 +271,13 @@ SHARDED_SCRIPT = textwrap.dedent("""
         r = jax.device_get(r)
         out[name] = {f: np.asarray(getattr(r, f)).tolist() for f in
                      ("x_adv", "base_index", "target_class", "valid_mask", "iterations", "stop_reason")}
-    print("RESULT" + json.dumps(out))
-""")
+    return out
 
 
-def test_eight_devices_match_one(setup):
+def test_eight_devices_match_one(setup, eight_devices):
     """Inputs split over a data axis of 8 forced CPU devices, with and without row_sharding,
     give the one-device result of the `setup` fixture (same batch, rng and options)."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    proc = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], capture_output=True, text=True,
-                          timeout=300, env=env, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.split("RESULT", 1)[1])
+    out = eight_devices("test_bss:eight_devices_bss")
     one = {field: np.asarray(value).tolist() for field, value in setup["result"]._asdict().items()}
     for name in ("8", "8rows"):
         for field in ("base_index", "target_class", "valid_mask", "iterations", "stop_reason"):
@@ -345,12 +338,18 @@ def test_weights_and_loss():
 
 
 def test_options_validation():
-    for bad in (dict(step_size=0.0), dict(max_iters=-1), dict(clip_min=1.0, clip_max=1.0),
-                dict(max_base_samples=0), dict(max_iters=2.5)):
-        with pytest.raises(ValueError):
+    for bad, match in ((dict(step_size=0.0), "step_size"), (dict(max_iters=-1), "max_iters"),
+                       (dict(clip_min=1.0, clip_max=1.0), "clip_min < clip_max"),
+                       (dict(max_base_samples=0), "max_base_samples"), (dict(max_iters=2.5), "max_iters"),
+                       (dict(eps=-1.0), "eps")):
+        with pytest.raises(ValueError, match=match):
             BSSOptions(**bad)
     assert hash(BSSOptions()) == hash(BSSOptions())
-    with pytest.raises(TypeError):
+    # the defaults are the paper's CIFAR constants (references.md, "BSS")
+    d = BSSOptions()
+    assert (d.step_size, d.max_iters, d.clip_min, d.clip_max, d.max_base_samples, d.eps) == \
+        (0.3, 10, -2.5, 2.5, 64, 1e-4)
+    with pytest.raises(TypeError, match="floating-point"):
         boundary_supporting_samples(teacher_apply, {}, jnp.zeros((2, 8, 8, 1), jnp.int32),
                                     jnp.zeros(2, jnp.int32), jnp.zeros((2, 10)), jax.random.key(0))
     assert bss.STOP_REASON_NAMES[STOP_TARGET] == "target"

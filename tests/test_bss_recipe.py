@@ -5,7 +5,6 @@ import os
 import pytest
 
 from jaxkd import config as config_lib
-from jaxkd.experiment import teacher_config
 from jaxkd.train import step as step_lib
 from jaxkd.train.loop import train_and_evaluate
 
@@ -33,17 +32,21 @@ def compiled(monkeypatch):
     return built
 
 
-def test_bss_and_kd_runs_compile_each_step_once(tmp_path, data_dir, compiled):
-    teacher_wd = str(tmp_path / "teacher")
-    train_and_evaluate(teacher_config(_config(**{"train.num_epochs": 2})), teacher_wd)
-    compiled.clear()
+def test_bss_and_kd_runs_compile_each_step_once(tmp_path, digits_teacher, compiled):
+    teacher_wd, _ = digits_teacher
     summary = train_and_evaluate(_config(**{"method": {"name": "bss", "temperature": 3.0},
-                                            "teacher.workdir": teacher_wd, "train.num_epochs": 2}),
+                                            "teacher.workdir": teacher_wd, "train.num_epochs": 2,
+                                            "data.num_train_examples": 512}),
                                  str(tmp_path / "bss"))
-    assert summary["steps"] == 2 * (1500 // 64)
-    assert summary["best_accuracy"] > 0.3
+    assert summary["steps"] == 2 * (512 // 64)
     import json
+    from jaxkd.methods.bss import bss_weights
     hist = [json.loads(ln) for ln in open(os.path.join(tmp_path, "bss", "metrics.jsonl"))]
+    # the logged loss is the BSS objective with the paper's schedule over the run's 2 epochs:
+    # clean + r_adv(epoch) * adversarial (r_adv is constant within an epoch)
+    for rec in hist:
+        r_adv = float(bss_weights(rec["epoch"] - 1, 2)[1])
+        assert rec["train/loss"] == pytest.approx(rec["train/clean"] + r_adv * rec["train/adversarial"], rel=1e-5)
     # the attack really moves samples across the teacher's boundary (needs gradients w.r.t.
     # the teacher's input inside the step): most base samples reach their target class
     assert hist[-1]["train/bss_valid"] > 0

@@ -23,9 +23,10 @@ def _main(capsys, *argv):
 @pytest.mark.parametrize("override,expected", [
     ("optim.lr=-1", "config.optim.lr must be a number > 0; got -1"),
     ("optim.learning_rate=0.1", "unknown config key 'optim.learning_rate'; did you mean 'optim.lr'?"),
-    ("model.name=resnet33", "unknown model 'resnet33' (did you mean"),
+    ("model.name=resnet33", "config.model: unknown model 'resnet33'. Did you mean 'resnet32'"),
     ("data.name=cifar1000", "cifar1000"),
-    ("method.name=hinton", "config.method.name must be one of"),
+    ("method.name=hinton", "config.method.name: unknown method 'hinton'; did you mean 'hinton_kd'?"),
+    ("method.temprature=2", "method 'hinton_kd' has no option 'temprature'; did you mean 'temperature'?"),
     ("train.num_epochs=0", "config.train.num_epochs must be a positive int"),
 ])
 def test_bad_input_gives_one_error_line(capsys, tmp_path, data_dir, override, expected):
@@ -46,11 +47,12 @@ def test_missing_teacher_and_config_file(capsys, tmp_path, data_dir):
 
 def test_train_eval_compare(capsys, tmp_path, data_dir):
     wd = str(tmp_path / "t")
-    common = ["train.num_epochs=1", "train.progress=False", "train.tensorboard=False"]
+    common = ["train.num_epochs=1", "train.progress=False", "train.tensorboard=False",
+              "teacher.kwargs={'width': 4, 'hidden': 16}", "model.kwargs={'hidden': (16,)}"]
     code, out, _ = _main(capsys, "train", "--config", DIGITS, "--workdir", wd, "method.name=ce", *common)
     assert code == 0
     summary = json.loads(out[out.index("{"):])
-    code, out, _ = _main(capsys, "eval", "--config", DIGITS, "--workdir", wd, "--checkpoint", "best")
+    code, out, _ = _main(capsys, "eval", "--config", DIGITS, "--workdir", wd, "--checkpoint", "best", *common)
     assert code == 0
     result = json.loads(out[out.index("{"):])
     assert result["accuracy"] == pytest.approx(summary["best_accuracy"])

@@ -38,7 +38,7 @@ def nnx_registered(monkeypatch):
 def test_nnx_student_trains_in_the_loop(tmp_path, data_dir, nnx_registered):
     c = config_lib.load_config(os.path.join(ROOT, "experiments/configs/digits.py"))
     c.model.name, c.model.kwargs = "nnx_mlp", {"hidden": 32}
-    c.method.name = "ce"
+    c.method = {"name": "ce"}
     c.train.num_epochs, c.train.progress, c.train.tensorboard = 3, False, False
     summary = train_and_evaluate(c, str(tmp_path / "nnx"))
     assert summary["best_accuracy"] > 0.8  # digits: 10 classes, chance is 0.1

@@ -379,17 +379,6 @@ def test_load_dataset_num_train_examples(digits):
     assert np.bincount(train.labels, minlength=10).min() >= 9
 
 
-def test_pipeline_throughput():
-    from jaxkd.data.bench import measure
-
-    rng = np.random.default_rng(0)
-    source = ArraySource(rng.integers(0, 256, (60_000, 28, 28, 1), dtype=np.uint8),
-                         rng.integers(0, 10, 60_000))
-    rate = measure(source, 128, 300)
-    print(f"train_batches throughput: {rate:,.0f} images/s")
-    assert rate >= 20_000
-
-
 # --------------------------------------------------------------------------------------------
 # Augmentation
 # --------------------------------------------------------------------------------------------

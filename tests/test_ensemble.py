@@ -1,5 +1,7 @@
 """Multi-teacher losses against numpy, the ensemble teacher model, the config and the loop."""
 
+import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -12,11 +14,12 @@ from jaxkd import losses
 from jaxkd.experiment import teacher_config
 from jaxkd.models import create_model
 from jaxkd.models.ensemble import stack_variables, stacked_ensemble, tuple_ensemble, unstack_variables
+from jaxkd.train import checkpoint as ckpt_lib
 from jaxkd.train import step as step_lib
 from jaxkd.train.loop import train_and_evaluate
 from jaxkd.train.recipes import build_recipe
 
-from _configs import tiny_digits_config
+from _configs import digits_config, tiny_digits_config
 
 N, B, C = 3, 5, 4
 
@@ -194,12 +197,53 @@ def teachers(tmp_path_factory, data_dir):
     return cnn_dir
 
 
-@pytest.mark.slow  # (tests/test_meal.py runs the loop with a stacked ensemble too)
-def test_loop_stacked_ensemble(tmp_path, teachers):
-    # same architecture: teacher.workdir as a list -> stacked params, one vmapped forward
-    s = train_and_evaluate(_config(**{"teacher.workdir": [teachers, teachers], "method": {"name": "ensemble_kd"}}),
-                           str(tmp_path / "stacked"))
-    assert s["best_accuracy"] is not None and s["teacher_accuracy"] is not None
+def _twice_config(**over):
+    """A tiny mlp student of the session's digits teacher (128 images, 2 steps)."""
+    return digits_config(**{"model.kwargs": {"hidden": (16,)}, "data.num_train_examples": 128,
+                            "train.num_epochs": 1, **over})
+
+
+def _student_params(workdir):
+    return ckpt_lib.load_run_state(workdir)[1]["params"]["student"]
+
+
+@pytest.mark.parametrize("method", ["ensemble_kd", "random_teacher_kd", "relabel_kd"])
+def test_one_teacher_twice_distils_like_hinton_kd(tmp_path, digits_teacher, method):
+    """Through config and loop: the ensemble of one trained teacher listed twice (stacked params,
+    one vmapped forward) gives every multi-teacher method the soft labels of that teacher, so the
+    student trains as with hinton_kd from it, step for step (to float32 round-off)."""
+    teacher = digits_teacher[0]
+    ref = str(tmp_path / "hinton")
+    train_and_evaluate(_twice_config(**{"teacher.workdir": teacher}), ref)
+    wd = str(tmp_path / method)
+    s = train_and_evaluate(_twice_config(**{"teacher.workdir": [teacher, teacher], "method": {"name": method}}), wd)
+    assert s["teacher_accuracy"] == pytest.approx(digits_teacher[1]["best_accuracy"])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 _student_params(ref), _student_params(wd))
+
+
+def test_meal_v2_end_to_end_trains_its_discriminator_and_the_student_like_label_refinery(tmp_path, digits_teacher):
+    """MEAL V2 through config and loop with adv_weight=0: the student's gradient is the soft-label
+    term's alone (the discriminator only watches), which is label_refinery's KL(p_t || p_s) to the
+    same teacher, so the students match; the discriminator trains with its own Adam."""
+    teacher = digits_teacher[0]
+    ref = str(tmp_path / "refinery")
+    train_and_evaluate(_twice_config(**{"teacher.workdir": teacher, "method": {"name": "label_refinery"}}), ref)
+    wd = str(tmp_path / "meal")
+    cfg = _twice_config(**{"teacher.workdir": [teacher, teacher], "train.checkpoint_every_steps": 1,
+                           "method": {"name": "meal_v2", "adv_weight": 0.0, "disc_lr": 1e-2}})
+    train_and_evaluate(cfg, wd, stop_after_steps=1)
+    d1 = jax.tree.map(np.array, ckpt_lib.load_run_state(wd)[1]["params"]["aux"]["discriminator"])
+    train_and_evaluate(cfg, wd)
+    step, state = ckpt_lib.load_run_state(wd)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 _student_params(ref), state["params"]["student"])
+    d2 = state["params"]["aux"]["discriminator"]
+    assert not np.array_equal(d1["Dense_0"]["kernel"], d2["Dense_0"]["kernel"])  # it trained on step 2
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(state["opt_state"])[0]]
+    assert any("discriminator" in p and "mu" in p for p in paths)  # Adam moments: its own optimizer
+    rec = [json.loads(ln) for ln in open(os.path.join(wd, "metrics.jsonl"))][-1]
+    assert "train/ce" not in rec and rec["train/loss"] == pytest.approx(rec["train/kd"] + rec["train/disc"], rel=1e-5)
 
 
 @pytest.mark.slow

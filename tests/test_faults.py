@@ -63,10 +63,15 @@ def test_no_usable_checkpoint_is_a_clear_error(tmp_path, data_dir):
 
 def test_non_finite_loss_stops_and_names_the_step(tmp_path, data_dir):
     run = str(tmp_path / "nan")
-    with pytest.raises(TrainingError, match=r"non-finite loss .* at step \d+; (last good checkpoint: step \d+|no checkpoint yet)"):
-        train_and_evaluate(_config(**{"optim.lr": 1e12, "optim.schedule": "constant"}), run)
+    cfg = _config(**{"optim.lr": 1e12, "optim.schedule": "constant", "train.checkpoint_every_steps": 1})
+    with pytest.raises(TrainingError, match=r"non-finite loss .* at step (\d+); last good checkpoint: step (\d+) in ") as e:
+        train_and_evaluate(cfg, run)
+    import re
+    bad_step, last_good = map(int, re.search(r"at step (\d+); last good checkpoint: step (\d+)", str(e.value)).groups())
+    assert last_good == bad_step - 1 >= 1  # a checkpoint every step: the one just before the divergence
     mgr = ckpt_lib.run_manager(run)
-    for step in mgr.all_steps():  # whatever was saved before the divergence is finite
+    assert last_good in mgr.all_steps() and max(mgr.all_steps()) == last_good  # nothing from the bad step
+    for step in mgr.all_steps():  # everything saved before the divergence is finite
         r = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
         assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(r.state["params"]))
 

@@ -32,19 +32,19 @@ from jaxkd.models import create_model
 from jaxkd.train import optim, recipes
 from jaxkd.train import step as step_lib
 
-student, teacher = create_model("resnet8", 10), create_model("resnet14", 10)
+student, teacher = create_model("mlp", 10, hidden=(8,)), create_model("cnn", 10, width=4, hidden=8)
 recipe = recipes.hinton_kd_recipe(4.0, 0.9, 0.1)
 tx, _ = optim.make_optimizer({"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4,
                               "schedule": "constant"}, 1, 1)
-pipeline = step_lib.InputPipeline(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), pad=4, flip=True)
-sample = jnp.zeros((2, 32, 32, 3))
+pipeline = step_lib.InputPipeline(mean=(0.5,), std=(0.25,), pad=1, flip=True)
+sample = jnp.zeros((2, 8, 8, 1))
 state = step_lib.create_train_state(jax.random.key(0), student, recipe, tx, sample)
-t_vars = teacher.init(jax.random.key(1), sample)
+t_vars = jax.jit(teacher.init)(jax.random.key(1), sample)
 rng = np.random.default_rng(0)
-batch = {"image": jnp.asarray(rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)),
+batch = {"image": jnp.asarray(rng.integers(0, 256, (4, 8, 8, 1), dtype=np.uint8)),
          "label": jnp.asarray(rng.integers(0, 10, 4).astype(np.int32))}
 state, metrics = step_lib.make_train_step(student, recipe, tx, pipeline, teacher=teacher)(state, t_vars, batch)
-out = step_lib.make_eval_step(teacher, step_lib.InputPipeline(mean=(0.5,) * 3, std=(0.25,) * 3))(t_vars, batch)
+out = step_lib.make_eval_step(teacher, step_lib.InputPipeline(mean=(0.5,), std=(0.25,)))(t_vars, batch)
 assert np.isfinite(float(metrics["loss"])) and float(out["count"]) == 4.0
 loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
 assert not loaded, loaded

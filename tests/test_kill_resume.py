@@ -73,19 +73,6 @@ TWO_STAGE = ("stages=[{'name': 'warmup', 'num_epochs': 1, 'method': {'name': 'ce
              "'gamma': 0.1, 'alpha': {'type': 'linear', 'init': 0.9, 'end': 0.5}}}]")
 
 
-@pytest.fixture(scope="module")
-def digits_teacher(tmp_path_factory, data_dir):
-    from jaxkd import config as config_lib
-    from jaxkd.experiment import teacher_config
-    from jaxkd.train.loop import train_and_evaluate
-
-    wd = str(tmp_path_factory.mktemp("kill_teacher"))
-    c = config_lib.load_config(os.path.join(ROOT, "experiments/configs/digits.py"))
-    c.train.num_epochs, c.train.progress, c.train.tensorboard = 2, False, False
-    train_and_evaluate(teacher_config(c), wd)
-    return wd
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["kd", "two_stage"])
 def test_killed_at_random_points_and_during_a_save_ends_identical(tmp_path, data_dir, digits_teacher, recipe):
@@ -98,7 +85,7 @@ def test_killed_at_random_points_and_during_a_save_ends_identical(tmp_path, data
         c = [sys.executable, "-m", "jaxkd.cli", "train", "--config",
              os.path.join(ROOT, "experiments/configs/digits.py"), "--workdir", workdir,
              "train.num_epochs=3", "train.checkpoint_every_steps=4", "train.progress=False",
-             "train.tensorboard=False", f"teacher.workdir={digits_teacher}"]
+             "train.tensorboard=False", f"teacher.workdir={digits_teacher[0]}"]
         return c + ([TWO_STAGE] if recipe == "two_stage" else [])
 
     env = dict(os.environ, JAXKD_DATA_DIR=data_dir)

@@ -84,8 +84,10 @@ def test_cross_entropy_matches_numpy():
 def test_clear_errors():
     with pytest.raises(ValueError, match="same shape"):
         losses.hinton_kd(jnp.ones((4, 10)), jnp.ones((4, 100)))
-    with pytest.raises(ValueError, match="batch, num_classes"):
-        losses.hinton_kd(jnp.ones((4,)), jnp.ones((4,)))
+    with pytest.raises(ValueError, match="student_logits must be an array of logits with a class axis"):
+        losses.hinton_kd(jnp.ones(()), jnp.ones(()))
+    with pytest.raises(ValueError, match="axis 2 is out of range"):
+        losses.cross_entropy(jnp.ones((4, 3)), jnp.ones((4,), jnp.int32), axis=2)
     with pytest.raises(ValueError, match="unknown hinton_kd mode"):
         losses.hinton_kd(jnp.ones((4, 3)), jnp.ones((4, 3)), mode="batchmean")
     with pytest.raises(ValueError, match="temperature"):
@@ -132,10 +134,44 @@ def test_cross_entropy_properties(b, c, dtype, seed):
     np.testing.assert_allclose(np.asarray(losses.cross_entropy(jnp.zeros((b, c), dtype), y)), np.log(c), rtol=1e-2)
 
 
-@given(shape=st.lists(st.integers(1, 4), min_size=1, max_size=4))
+@given(shape=st.lists(st.integers(1, 4), min_size=1, max_size=4), axis_pick=st.integers(0, 3))
 @settings(max_examples=15, deadline=None)
-def test_wrong_rank_is_rejected_with_the_argument_name(shape):
-    if len(shape) == 2:
-        shape = shape + [1]
-    with pytest.raises(ValueError, match="student_logits must have shape"):
-        losses.hinton_kd(jnp.ones(shape), jnp.ones(shape))
+def test_any_rank_with_a_class_axis_gives_the_shape_without_it(shape, axis_pick):
+    """The optax convention: logits ``[..., C]`` (classes on ``axis``) give one value per
+    remaining position."""
+    axis = axis_pick % len(shape)
+    rng = np.random.default_rng(len(shape) + axis)
+    s, t = (jnp.asarray(rng.normal(size=shape), jnp.float32) for _ in range(2))
+    rest = tuple(d for i, d in enumerate(shape) if i != axis)
+    assert losses.hinton_kd(s, t, 2.0, axis=axis).shape == rest
+    assert losses.soft_cross_entropy(s, jax.nn.softmax(t, axis=axis), axis=axis).shape == rest
+    labels = jnp.asarray(rng.integers(0, shape[axis], rest), jnp.int32)
+    assert losses.cross_entropy(s, labels, axis=axis).shape == rest
+
+
+def test_logit_losses_equal_optax_on_the_same_inputs():
+    """[B, L, C] per-token logits, classes last and (transposed) on axis 1, against optax's own."""
+    import optax
+
+    rng = np.random.default_rng(3)
+    s = jnp.asarray(rng.normal(size=(4, 5, 7)) * 2, jnp.float32)
+    t = jnp.asarray(rng.normal(size=(4, 5, 7)) * 3, jnp.float32)
+    y = jnp.asarray(rng.integers(0, 7, (4, 5)), jnp.int32)
+    p_t = jax.nn.softmax(t)
+    np.testing.assert_allclose(losses.cross_entropy(s, y), optax.softmax_cross_entropy_with_integer_labels(s, y),
+                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(losses.cross_entropy(jnp.moveaxis(s, -1, 1), y, axis=1),
+                               optax.softmax_cross_entropy_with_integer_labels(s, y), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(losses.cross_entropy(s, y, label_smoothing=0.1),
+                               optax.softmax_cross_entropy(s, optax.smooth_labels(jax.nn.one_hot(y, 7), 0.1)),
+                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(losses.soft_cross_entropy(s, p_t), optax.softmax_cross_entropy(s, p_t),
+                               rtol=1e-6, atol=1e-6)
+    for T in (1.0, 4.0):
+        want = T ** 2 * optax.losses.kl_divergence(jax.nn.log_softmax(s / T), jax.nn.softmax(t / T))
+        np.testing.assert_allclose(losses.hinton_kd(s, t, T), want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(losses.hinton_kd(jnp.moveaxis(s, -1, 0), jnp.moveaxis(t, -1, 0), T, axis=0),
+                                   want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(losses.hinton_kd(s, t, T, "soft_ce"),
+                                   T ** 2 * optax.softmax_cross_entropy(s / T, jax.nn.softmax(t / T)),
+                                   rtol=1e-5, atol=1e-6)

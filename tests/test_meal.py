@@ -71,20 +71,54 @@ def test_meal_v2_loss_matches_numpy():
     assert total.shape == (6,) and "ce" not in parts  # soft labels only
 
 
+def _np_student_objective(s, t, d, adv_weight):
+    """What the student minimises, written out in numpy: mean(kd + adv_weight * BCE(D(q), 1))."""
+    pbar, q = _np_softmax(t).mean(0), _np_softmax(s)
+    kd = -np.sum(pbar * np.log(q), -1)
+    return np.mean(kd + adv_weight * _np_bce(_np_mlp(d, q), 1.0))
+
+
+def _np_disc_objective(s, t, d):
+    """What the discriminator minimises: mean(BCE(D(pbar), 1) + BCE(D(q), 0))."""
+    pbar, q = _np_softmax(t).mean(0), _np_softmax(s)
+    return np.mean(_np_bce(_np_mlp(d, pbar), 1.0) + _np_bce(_np_mlp(d, q), 0.0))
+
+
+def _central_difference(f, x, h=1e-6):
+    g = np.zeros_like(x)
+    for i in np.ndindex(x.shape):
+        e = np.zeros_like(x)
+        e[i] = h
+        g[i] = (f(x + e) - f(x - e)) / (2 * h)
+    return g
+
+
 def test_each_player_gets_only_its_own_objective():
+    """The one gradient of the summed loss gives the student d(kd + w*adv)/ds and the
+    discriminator d(disc)/dD, each checked against central differences of the numpy formulas."""
     s, t, recipe, aux = _setup(adv_weight=0.5)
 
     def total(student_logits, aux_params):
         return jnp.mean(recipe.loss(_inputs(student_logits, t, aux_params))[0])
 
     g_s, g_d = jax.grad(total, argnums=(0, 1))(jnp.asarray(s), aux)
-    # the student: kd + adv_weight * adv (the discriminator's loss sends it nothing)
-    want_s = jax.grad(lambda z: jnp.mean((lambda p: p["kd"] + 0.5 * p["adv"])(
-        recipe.loss(_inputs(z, t, aux))[1])))(jnp.asarray(s))
-    np.testing.assert_allclose(g_s, want_s, rtol=1e-5, atol=1e-7)
-    # the discriminator: only BCE(D(teacher), 1) + BCE(D(student), 0)
-    want_d = jax.grad(lambda a: jnp.mean(recipe.loss(_inputs(s, t, a))[1]["disc"]))(aux)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g_d, want_d)
+    s64, t64 = s.astype(np.float64), t.astype(np.float64)
+    d64 = jax.tree.map(lambda a: np.asarray(a, np.float64), aux["discriminator"])
+    want_s = _central_difference(lambda z: _np_student_objective(z, t64, d64, 0.5), s64)
+    np.testing.assert_allclose(g_s, want_s, rtol=2e-3, atol=1e-6)
+    # the adversarial term reaches the student: its gradient is not the soft-label term's alone
+    kd_only = _central_difference(lambda z: _np_student_objective(z, t64, d64, 0.0), s64)
+    assert np.max(np.abs(want_s - kd_only)) > 1e-3
+    assert np.max(np.abs(np.asarray(g_s) - kd_only)) > 1e-3
+    # the discriminator: only BCE(D(teacher), 1) + BCE(D(student), 0), leaf by leaf
+    for layer in d64:
+        for name in d64[layer]:
+            def f(v, layer=layer, name=name):
+                return _np_disc_objective(s64, t64, {**d64, layer: {**d64[layer], name: v}})
+            want = _central_difference(f, d64[layer][name])
+            got = np.asarray(g_d["discriminator"][layer][name])
+            np.testing.assert_allclose(got, want, rtol=2e-3, atol=1e-6, err_msg=f"{layer}/{name}")
+            assert np.any(np.abs(got) > 1e-6), f"{layer}/{name} gets no gradient"
 
 
 def test_bad_options():
@@ -175,7 +209,7 @@ def test_meal_v2_run_from_pretrained_student(tmp_path, student):
 
 
 def test_init_from_loads_exact_params_and_errors(tmp_path, student):
-    from jaxkd.train import loop
+    from jaxkd.train import setup as setup_lib
     from jaxkd.models import create_model
     from jaxkd.train import step as step_lib
     import optax
@@ -185,15 +219,20 @@ def test_init_from_loads_exact_params_and_errors(tmp_path, student):
                                         jnp.zeros((1, 8, 8, 1)))
     assert student.endswith("0")  # pytest's tmp dir "student0": "student{seed}" with seed 0
     cfg = _config(**{"model.init_from": student[:-1] + "{seed}", "seed": 0})
-    loaded = loop.init_student_from(cfg, state)
-    want = ckpt_lib.load_model_variables(student, {"params": state.params["student"]}, what="student")[0]
-    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, loaded.params["student"]), want["params"])
-    assert loop.init_student_from(_config(), state) is state  # unset: unchanged
+    loaded = setup_lib.init_student_from(cfg, state)
+    # the saved best student, read straight from its Orbax folder (not through the loader under test)
+    steps = [int(d) for d in os.listdir(os.path.join(student, "best")) if d.isdigit()]
+    saved = ocp.StandardCheckpointer().restore(os.path.join(student, "best", str(max(steps)), "model"))
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, loaded.params["student"]),
+                 jax.tree.map(np.asarray, saved["params"]))
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, loaded.model_state["student"]),
+                 jax.tree.map(np.asarray, saved["model_state"]))
+    assert setup_lib.init_student_from(_config(), state) is state  # unset: unchanged
     other = step_lib.create_train_state(jax.random.PRNGKey(3), create_model("mlp", 10, hidden=(8,)),
                                         build_recipe({"name": "ce"}), optax.sgd(0.1), jnp.zeros((1, 8, 8, 1)))
     with pytest.raises(config_lib.ConfigError, match="init_from.*shape"):  # checkpoint of another width
-        loop.init_student_from(_config(**{"model.init_from": student}), other)
+        setup_lib.init_student_from(_config(**{"model.init_from": student}), other)
     with pytest.raises(config_lib.ConfigError, match="does not exist"):
-        loop.init_student_from(_config(**{"model.init_from": str(tmp_path / "nowhere")}), state)
+        setup_lib.init_student_from(_config(**{"model.init_from": str(tmp_path / "nowhere")}), state)
     with pytest.raises(config_lib.ConfigError, match="model.init_from"):
         train_and_evaluate(_config(**{"model.init_from": 3}), str(tmp_path / "bad"))

@@ -292,14 +292,18 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
 @pytest.mark.parametrize("train", [False, True])
 def test_bfloat16_logits_close_to_float32(train):
     """Same float32 variables, bf16 compute (what benchmarks/device_check.py times on GPU):
-    logits within bf16 rounding of the float32 ones (measured max error ~0.4% of max |logit|)."""
+    logits within bf16 rounding of the float32 ones. Measured: max error 0.46-0.62 % of max |logit|
+    over three inputs, eval and train mode (bf16 keeps 8 mantissa bits, 0.39 % per rounding, and
+    resnet8 rounds at every layer); the bound is 1.5 %, and the error must not be zero (the model
+    really computed in bf16)."""
     x = normal(3, (4, 16, 16, 3))
     f32, bf16 = build("resnet8"), build("resnet8", dtype="bfloat16")
-    variables = f32.init(KEY, x)
-    ref = np.asarray(f32.apply(variables, x, train=train)[0])
-    got = bf16.apply(variables, x, train=train)[0]
+    variables = jax.jit(f32.init)(KEY, x)
+    ref = np.asarray(jax.jit(lambda v, x_: f32.apply(v, x_, train=train)[0])(variables, x))
+    got = jax.jit(lambda v, x_: bf16.apply(v, x_, train=train)[0])(variables, x)
     assert got.dtype == jnp.float32
-    np.testing.assert_allclose(np.asarray(got), ref, rtol=0, atol=0.05 * np.abs(ref).max())
+    err = np.abs(np.asarray(got) - ref).max() / np.abs(ref).max()
+    assert 1e-4 < err < 0.015, err
 
 
 # ---------------------------------------------------------------- numerics and state
@@ -594,3 +598,37 @@ def test_from_nnx_logits_only_without_state():
     p = variables["params"]
     np.testing.assert_allclose(logits, x @ p["kernel"] + p["bias"], rtol=1e-6)
     assert set(feats) == {"logits"} and state == {}
+
+
+def test_from_linen_returns_everything_the_module_sows():
+    """Sown values (attention weights, say) reach the features in train and eval mode, in any
+    collection; BatchNorm state still updates; nothing sown becomes state."""
+    import flax.linen as nn
+
+    class Sowing(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=False):
+            h = nn.Dense(4)(x.reshape((x.shape[0], -1)))
+            self.sow("intermediates", "pre_bn", h)
+            h = nn.BatchNorm(use_running_average=not train)(h)
+            probs = jax.nn.softmax(h)
+            self.sow("attention", "probs", probs)
+            self.sow("intermediates", "twice", h)
+            self.sow("intermediates", "twice", 2 * h)
+            return nn.Dense(3)(h)
+
+    fns = from_linen(Sowing(), "sowing")
+    x = normal(0, (5, 2, 3))
+    variables = fns.init(KEY, x)
+    assert set(variables) == {"params", "batch_stats"}
+    for train in (False, True):
+        logits, feats, state = fns.apply(variables, x, train=train)
+        h = np.asarray(x).reshape(5, -1) @ np.asarray(variables["params"]["Dense_0"]["kernel"]) + \
+            np.asarray(variables["params"]["Dense_0"]["bias"])
+        np.testing.assert_allclose(feats["pre_bn"], h, rtol=1e-5, atol=1e-6)
+        assert feats["attention/probs"].shape == (5, 4)
+        np.testing.assert_allclose(np.asarray(feats["attention/probs"]).sum(-1), 1.0, rtol=1e-6)
+        np.testing.assert_allclose(feats["twice/1"], 2 * np.asarray(feats["twice/0"]), rtol=1e-6)
+        assert set(state) == {"batch_stats"}
+        moved = not np.allclose(state["batch_stats"]["BatchNorm_0"]["mean"], 0.0)
+        assert moved == train

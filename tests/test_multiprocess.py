@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 
 from jaxkd import config as config_lib
-from jaxkd.experiment import teacher_config
 from jaxkd.train import checkpoint as ckpt_lib
 from jaxkd.train.loop import train_and_evaluate
+
+from conftest import child_xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "experiments/configs/digits.py")
@@ -39,7 +40,7 @@ def _free_port() -> int:
 def _start(workdir, teacher, n=2):
     port = _free_port()
     env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)  # one CPU device per process
+    env["XLA_FLAGS"] = child_xla_flags()  # one CPU device per process
     procs = []
     for i in range(n):
         cmd = [sys.executable, "-m", "jaxkd.cli", "train", "--config", CONFIG, "--workdir", workdir,
@@ -90,12 +91,11 @@ def _history(workdir):
 
 
 @pytest.fixture(scope="module")
-def teacher_and_reference(tmp_path_factory, data_dir):
-    """A trained teacher and the one-process KD run with the same global batch."""
+def teacher_and_reference(tmp_path_factory, digits_teacher):
+    """The session's trained teacher and the one-process KD run with the same global batch."""
     root = tmp_path_factory.mktemp("mp")
     base = config_lib.apply_overrides(config_lib.load_config(CONFIG), OVERRIDES)
-    teacher = str(root / "teacher")
-    train_and_evaluate(teacher_config(config_lib.apply_overrides(base, ["train.num_epochs=2"])), teacher)
+    teacher = digits_teacher[0]
     ref = str(root / "ref")
     train_and_evaluate(config_lib.apply_overrides(base, [f"teacher.workdir={teacher!r}", "train.num_devices=1"]),
                        ref)

@@ -16,6 +16,8 @@ from jaxkd.train.loop import train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FROZEN = ("student/bn2", "student/conv2", "student/hidden", "student/fc")
+N = 320  # training digits: 5 steps an epoch
+SPE = N // 64
 
 
 def _first_block_only():
@@ -27,9 +29,10 @@ def _first_block_only():
                           trainable=lambda path: not path.startswith(FROZEN))
 
 
-@pytest.fixture
-def first_block_recipe(monkeypatch):
-    monkeypatch.setitem(recipes.RECIPES, "first_block", _first_block_only)
+@pytest.fixture(scope="module")
+def first_block_recipe():
+    # registered as a user's config file would (the same function again is fine)
+    recipes.register_recipe("first_block", _first_block_only)
 
 
 def _config(**over):
@@ -38,7 +41,8 @@ def _config(**over):
     c.train.progress = c.train.tensorboard = False
     c.stages = [{"name": "warm", "num_epochs": 1, "method": {"name": "first_block"}},
                 {"name": "main", "num_epochs": 2, "method": {"name": "ce"}, "optim": {"lr": 0.02}}]
-    c.train.checkpoint_every_steps = 5
+    c.train.checkpoint_every_steps = 2
+    c.data.num_train_examples = N
     return config_lib.apply_overrides(c, [f"{k}={v!r}" for k, v in over.items()])
 
 
@@ -55,7 +59,7 @@ def _flat(tree, prefix):
 
 def test_frozen_groups_are_bit_for_bit(tmp_path, data_dir, first_block_recipe):
     cfg = _config()
-    steps_per_epoch = 1500 // 64
+    steps_per_epoch = SPE
     wd = str(tmp_path / "a")
     train_and_evaluate(cfg, wd, stop_after_steps=steps_per_epoch)  # exactly the end of stage "warm"
     step, state = _state(wd)
@@ -81,8 +85,8 @@ def test_resume_in_the_middle_of_stage_two(tmp_path, data_dir, first_block_recip
     cfg = _config()
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     train_and_evaluate(cfg, a)
-    steps_per_epoch = 1500 // 64
-    stop = 35  # a checkpoint step (every 5) inside stage "main" (steps 23..68)
+    steps_per_epoch = SPE
+    stop = 8  # a checkpoint step (every 2) inside stage "main" (steps 5..14)
     assert steps_per_epoch < stop < 2 * steps_per_epoch
     train_and_evaluate(cfg, b, stop_after_steps=stop)
     assert _state(b)[0] == stop
@@ -95,15 +99,15 @@ def test_bad_stage_spec(tmp_path, data_dir):
     with pytest.raises(config_lib.ConfigError, match=r"stages\[1\].num_epochs"):
         train_and_evaluate(_config(stages=[{"num_epochs": 1, "method": {"name": "ce"}}, {"num_epochs": 0}]),
                            str(tmp_path / "x"))
-    with pytest.raises(config_lib.ConfigError, match=r"stages\[0\].method: unknown method 'cee'"):
+    with pytest.raises(config_lib.ConfigError, match=r"stages\[0\].method.name: unknown method 'cee'; did you mean 'ce'"):
         train_and_evaluate(_config(stages=[{"num_epochs": 1, "method": {"name": "cee"}}]), str(tmp_path / "y"))
 
 
 def test_params_feeding_a_tap():
     """Gradient dependence finds exactly the layers before a tap (resnet8: stem, stage1, stage2)."""
     student = models.create_model("resnet8", 10)
-    sample = jnp.zeros((1, 16, 16, 3))
-    variables = student.init(jax.random.PRNGKey(0), sample)
+    sample = jnp.zeros((1, 8, 8, 3))
+    variables = jax.jit(student.init)(jax.random.PRNGKey(0), sample)
     feeding = step_lib.params_feeding(student, variables, sample, "stage2")
     tops = {p.split("/")[1] for p in feeding}
     assert tops == {"stem_conv", "stem_bn", "stage1_block0", "stage2_block0"}

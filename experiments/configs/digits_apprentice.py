@@ -36,7 +36,7 @@ def get_config():
     c = _digits.get_config()
     c.method = {"name": "label_refinery"}
     apprentice = {"name": "apprentice", "teacher_weight": 1.0, "student_weight": 0.5, "kd_weight": 0.5,
-                  "kd_temperature": 1.0}
+                  "temperature": 1.0}
     kd = {"name": "hinton_kd", "temperature": 4.0, "alpha": 0.9, "gamma": 0.1}
     c.presets = {
         "ce": {"method": {"name": "ce"}},

@@ -112,36 +112,51 @@ def _as_index_array(indices, n: int) -> np.ndarray:
     return idx
 
 
-class ArraySource(Source):
-    """A split held in memory as NumPy arrays (gathers are one fancy-index per field)."""
+# Field names a batch already uses: a data set's own feature of that name is not passed on.
+RESERVED_FIELDS = ("image", "label", "id", "index", "mask")
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, ids: np.ndarray | None = None):
+
+class ArraySource(Source):
+    """A split held in memory as NumPy arrays (gathers are one fancy-index per field).
+
+    ``fields`` are further per-example arrays (boxes, token ids, masks, ...), gathered with the
+    images and passed through the pipeline to the recipe (``LossInputs.batch``)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, ids: np.ndarray | None = None,
+                 fields: Mapping[str, np.ndarray] | None = None):
         images, labels = np.asarray(images), np.asarray(labels, dtype=np.int32)
         ids = np.arange(len(images), dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
-        if not len(images) == len(labels) == len(ids):
-            raise ValueError(f"images, labels and ids differ in length: {len(images)}, "
-                             f"{len(labels)}, {len(ids)}")
-        self.images, self.labels, self.ids = images, labels, ids
+        fields = {k: np.asarray(v) for k, v in (fields or {}).items()}
+        lengths = {"images": len(images), "labels": len(labels), "ids": len(ids), **{k: len(v) for k, v in fields.items()}}
+        if len(set(lengths.values())) > 1:
+            raise ValueError(f"images, labels, ids and fields differ in length: {lengths}")
+        clash = sorted(set(fields) & set(RESERVED_FIELDS))
+        if clash:
+            raise ValueError(f"fields {clash} clash with the batch's own fields {RESERVED_FIELDS}")
+        self.images, self.labels, self.ids, self.fields = images, labels, ids, fields
 
     def __len__(self) -> int:
         return len(self.images)
 
     def gather(self, indices) -> dict[str, np.ndarray]:
         idx = _as_index_array(indices, len(self))
-        return {"image": self.images[idx], "label": self.labels[idx], "id": self.ids[idx]}
+        return {"image": self.images[idx], "label": self.labels[idx], "id": self.ids[idx],
+                **{k: v[idx] for k, v in self.fields.items()}}
 
     def subset(self, indices) -> ArraySource:
         idx = _as_index_array(indices, len(self))
-        return ArraySource(self.images[idx], self.labels[idx], self.ids[idx])
+        return ArraySource(self.images[idx], self.labels[idx], self.ids[idx], {k: v[idx] for k, v in self.fields.items()})
 
 
 class LazySource(Source):
     """A split read record by record from a tfds data source (for data sets too big for memory)."""
 
     def __init__(self, data_source, *, image_key: str = "image", label_key: str = "label",
-                 record_indices: np.ndarray | None = None, image_dtype: str | None = None):
+                 record_indices: np.ndarray | None = None, image_dtype: str | None = None,
+                 field_keys: Mapping[str, Any] | None = None):
         self.data_source = data_source
         self.image_key, self.label_key = image_key, label_key
+        self.field_keys = dict(field_keys or {})  # name -> dtype
         n = len(data_source)
         self.record_indices = (np.arange(n, dtype=np.int64) if record_indices is None
                                else np.asarray(record_indices, dtype=np.int64))
@@ -157,12 +172,14 @@ class LazySource(Source):
         if self.image_dtype is not None:
             images = images.astype(self.image_dtype, copy=False)
         labels = np.asarray([r[self.label_key] for r in records], dtype=np.int32)
-        return {"image": images, "label": labels, "id": rec_idx.copy()}
+        return {"image": images, "label": labels, "id": rec_idx.copy(),
+                **{k: np.stack([np.asarray(r[k]) for r in records]).astype(dt, copy=False)
+                   for k, dt in self.field_keys.items()}}
 
     def subset(self, indices) -> LazySource:
         return LazySource(self.data_source, image_key=self.image_key, label_key=self.label_key,
                           record_indices=self.record_indices[_as_index_array(indices, len(self))],
-                          image_dtype=self.image_dtype)
+                          image_dtype=self.image_dtype, field_keys=self.field_keys)
 
 
 def _get_records(data_source, record_indices: np.ndarray) -> list[Mapping[str, Any]]:
@@ -257,14 +274,15 @@ def load_dataset(name: str, *, data_dir: str | None = None, train_split: str = "
     if in_memory is None:
         num_pixels = (len(train_ds) + len(eval_ds)) * math.prod(feature_shape)
         in_memory = num_pixels * np.dtype(image_dtype).itemsize <= IN_MEMORY_MAX_BYTES
+    field_keys = _field_keys(features, image_key, label_key)
     sources = []
     for split, ds in ((train_split, train_ds), (eval_split, eval_ds)):
         if in_memory:
             images, labels = _read_arrays(ds, split, image_key, label_key, image_dtype, cache)
-            sources.append(ArraySource(images, labels))
+            sources.append(ArraySource(images, labels, fields=_read_fields(ds, field_keys)))
         else:
             sources.append(LazySource(ds, image_key=image_key, label_key=label_key,
-                                      image_dtype=image_dtype))
+                                      image_dtype=image_dtype, field_keys=field_keys))
     train, evals = sources
 
     mean, std = _normalisation_stats(base, train, image_dtype)
@@ -274,6 +292,34 @@ def load_dataset(name: str, *, data_dir: str | None = None, train_split: str = "
                        mean=mean, std=std, num_train=len(train), num_eval=len(evals),
                        image_dtype=image_dtype)
     return info, train, evals
+
+
+def _field_keys(features, image_key: str, label_key: str) -> dict[str, np.dtype]:
+    """The data set's further per-example features a batch carries: numeric, of a fixed shape, and
+    not named like a field the batch already has (:data:`RESERVED_FIELDS`); strings and
+    variable-length features are left out."""
+    keys = {}
+    for key in sorted(getattr(features, "keys", lambda: ())()):
+        if key in (image_key, label_key) or key in RESERVED_FIELDS:
+            continue
+        feature = features[key]
+        shape, dtype = getattr(feature, "shape", None), getattr(feature, "np_dtype", None)
+        if shape is None or dtype is None or any(d is None for d in shape):
+            continue
+        if np.issubdtype(np.dtype(dtype), np.number) or np.dtype(dtype) == np.bool_:
+            keys[key] = np.dtype(dtype)
+    return keys
+
+
+def _read_fields(ds, keys: Mapping[str, np.dtype]) -> dict[str, np.ndarray]:
+    if not keys:
+        return {}
+    out = {k: [] for k in keys}
+    for start in range(0, len(ds), _READ_CHUNK):
+        for r in _get_records(ds, np.arange(start, min(len(ds), start + _READ_CHUNK))):
+            for k in keys:
+                out[k].append(np.asarray(r[k]))
+    return {k: np.stack(v).astype(keys[k], copy=False) for k, v in out.items()}
 
 
 def _supervised_keys(tfds_info) -> tuple[str, str]:
@@ -587,7 +633,9 @@ class _ShardGather:
         self.source, self.start, self.size = source, start, size
 
     def __call__(self, positions: np.ndarray) -> dict[str, np.ndarray]:
-        return self.source.gather(np.asarray(positions)[self.start:self.start + self.size])
+        mine = np.asarray(positions)[self.start:self.start + self.size]
+        # "index": the example's position in the training source (the row of a memory bank)
+        return {**self.source.gather(mine), "index": mine.astype(np.int64)}
 
 
 class TrainIterator:
@@ -644,7 +692,8 @@ class TrainIterator:
 
 def train_batches(source: Source, batch_size: int, *, seed: int, shard_index: int = 0,
                   shard_count: int = 1, num_threads: int = 1, prefetch: int = 4) -> TrainIterator:
-    """Infinite shuffled batches ``{"image": (b, ...), "label": int32 (b,), "id": int64 (b,)}``.
+    """Infinite shuffled batches ``{"image": (b, ...), "label": int32 (b,), "id": int64 (b,),
+    "index": int64 (b,), **fields}`` (``index``: the position in ``source``).
 
     ``batch_size`` is global; this process gets ``b = batch_size // shard_count`` examples, the
     ``shard_index``-th slice of each global batch. The order depends only on ``seed`` (and the

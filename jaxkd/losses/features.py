@@ -3,7 +3,9 @@
 Every loss is a pure function of arrays that returns one value per example (shape
 ``[batch]``), the optax convention: callers weight, mask and reduce. For each loss the batch
 mean of the per-example value equals the reference implementation's (globally averaged) loss.
-Feature maps are NHWC ``(B, H, W, C)``. Shapes are checked at trace time (they are static), so
+Feature maps are NHWC ``(B, H, W, C)`` by default; attention transfer and FSP also take
+``layout="NCHW"`` and ``layout="NLC"`` (transformer token maps ``(B, L, D)``, where sequence
+positions play the role of pixels), and the FitNets hint any rank. Shapes are checked at trace time (they are static), so
 errors are raised when a jitted function is traced, naming the offending argument.
 
 Because every value is per example, the batch mean under a data-sharded ``jit`` is the global
@@ -43,14 +45,32 @@ def _check_floating(name: str, x: Any) -> None:
         raise TypeError(f"{name} must be a floating-point array; got dtype {x.dtype}")
 
 
-def _check_map(name: str, x: Any) -> None:
-    """An NHWC feature map: rank 4, floating, non-empty spatial dims."""
+LAYOUTS: tuple[str, ...] = ("NHWC", "NCHW", "NLC")
+
+
+def _check_map(name: str, x: Any, layout: str = "NHWC") -> None:
+    """A feature map in ``layout``: NHWC/NCHW images of rank 4, or NLC token maps ``(B, L, D)`` of
+    rank 3; floating, non-empty."""
     _check_floating(name, x)
-    if x.ndim != 4:
-        raise ValueError(f"{name} must be an NHWC feature map of rank 4 (B, H, W, C); "
-                         f"got rank {x.ndim}, shape {tuple(x.shape)}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+    rank = 3 if layout == "NLC" else 4
+    if x.ndim != rank:
+        what = "an NLC token map of rank 3 (B, L, D)" if layout == "NLC" else \
+            f"an {layout} feature map of rank 4 ({', '.join(layout)})"
+        raise ValueError(f"{name} must be {what}; got rank {x.ndim}, shape {tuple(x.shape)}")
     if min(x.shape) < 1:
         raise ValueError(f"{name} must have non-empty dimensions; got shape {tuple(x.shape)}")
+
+
+def _as_nhwc(x: chex.Array, layout: str) -> chex.Array:
+    """NCHW maps transposed, NLC token maps read as ``(B, L, 1, D)``: sequence positions play the
+    role of pixels (pooled to the shorter length when two lengths differ)."""
+    if layout == "NCHW":
+        return jnp.transpose(x, (0, 2, 3, 1))
+    if layout == "NLC":
+        return x[:, :, None, :]
+    return x
 
 
 def _check_batch(name_a: str, a: chex.Array, name_b: str, b: chex.Array) -> None:
@@ -160,7 +180,7 @@ def fitnets_hint(student_regressed: chex.Array, teacher_feature: chex.Array) -> 
 
 # ----------------------------------------------------------------------------- attention transfer
 
-def attention_map(feature: chex.Array, mode: ATMode = "code", p: float = 2) -> chex.Array:
+def attention_map(feature: chex.Array, mode: ATMode = "code", p: float = 2, layout: str = "NHWC") -> chex.Array:
     """Spatial attention map of an NHWC feature map (Zagoruyko & Komodakis, ICLR 2017).
 
     * ``"code"`` (default): ``q = mean_c f^p`` (the authors' code and RepDistiller; ``p = 2``
@@ -176,16 +196,19 @@ def attention_map(feature: chex.Array, mode: ATMode = "code", p: float = 2) -> c
     the same map; the modes of :func:`attention_transfer` differ mainly in the distance.
 
     Args:
-      feature: ``(B, H, W, C)`` float.
+      feature: ``(B, H, W, C)`` float (or ``(B, C, H, W)`` with ``layout="NCHW"``, or a token map
+        ``(B, L, D)`` with ``layout="NLC"``: one attention value per position).
       mode: ``"code"`` or ``"paper"``.
       p: positive exponent, default 2.
+      layout: ``"NHWC"`` (default), ``"NCHW"`` or ``"NLC"``.
 
     Returns:
-      ``(B, H*W)`` normalised attention maps.
+      ``(B, H*W)`` (``(B, L)``) normalised attention maps.
     """
-    _check_map("feature", feature)
+    _check_map("feature", feature, layout)
     _check_mode(mode, "attention_map")
     _check_p(p)
+    feature = _as_nhwc(feature, layout)
     f = feature.astype(_compute_dtype(feature))
     if mode == "code":
         q = jnp.mean(f ** p, axis=-1)
@@ -196,7 +219,7 @@ def attention_map(feature: chex.Array, mode: ATMode = "code", p: float = 2) -> c
 
 def attention_transfer(student_features: Sequence[chex.Array],
                        teacher_features: Sequence[chex.Array], mode: ATMode = "code",
-                       p: float = 2, beta: float | None = None) -> chex.Array:
+                       p: float = 2, beta: float | None = None, layout: str = "NHWC") -> chex.Array:
     """Attention transfer loss (Zagoruyko & Komodakis, ICLR 2017), per example.
 
     For each layer pair ``j`` the larger map is average-pooled to the smaller spatial size
@@ -221,6 +244,8 @@ def attention_transfer(student_features: Sequence[chex.Array],
       p: exponent of the attention map, default 2.
       beta: weight; ``None`` means 1000 (applied as ``beta`` in code mode, ``beta/2`` in paper
         mode).
+      layout: of every map: ``"NHWC"`` (default), ``"NCHW"``, or ``"NLC"`` for transformer token
+        maps ``(B, L, D)`` (attention over sequence positions; hidden sizes may differ).
 
     Returns:
       ``[B]`` per-example loss.
@@ -231,10 +256,10 @@ def attention_transfer(student_features: Sequence[chex.Array],
     total = None
     for j, (fs, ft) in enumerate(zip(student_features, teacher_features)):
         s_name, t_name = f"student_features[{j}]", f"teacher_features[{j}]"
-        _check_map(s_name, fs)
-        _check_map(t_name, ft)
+        _check_map(s_name, fs, layout)
+        _check_map(t_name, ft, layout)
         _check_batch(s_name, fs, t_name, ft)
-        fs, ft = _match_spatial(fs, s_name, jax.lax.stop_gradient(ft), t_name)
+        fs, ft = _match_spatial(_as_nhwc(fs, layout), s_name, jax.lax.stop_gradient(_as_nhwc(ft, layout)), t_name)
         diff = attention_map(fs, mode, p) - attention_map(ft, mode, p)
         if mode == "code":
             term = jnp.mean(jnp.square(diff), axis=-1)
@@ -316,22 +341,23 @@ def gradient_attention_transfer(student_grad: chex.Array, teacher_grad: chex.Arr
 
 # ----------------------------------------------------------------------------- FSP
 
-def fsp_matrix(feature_a: chex.Array, feature_b: chex.Array) -> chex.Array:
+def fsp_matrix(feature_a: chex.Array, feature_b: chex.Array, layout: str = "NHWC") -> chex.Array:
     """Flow-of-solution-procedure matrix (Yim et al., CVPR 2017).
 
     ``G_i[c, d] = sum_{h,w} a_i[h, w, c] * b_i[h, w, d] / (H * W)`` after average-pooling the
     larger of the two maps to the smaller spatial size.
 
     Args:
-      feature_a: ``(B, H_a, W_a, C_a)``.
+      feature_a: ``(B, H_a, W_a, C_a)`` (or in ``layout``: ``"NCHW"``, ``"NLC"``).
       feature_b: ``(B, H_b, W_b, C_b)``.
 
     Returns:
       ``(B, C_a, C_b)``.
     """
-    _check_map("feature_a", feature_a)
-    _check_map("feature_b", feature_b)
+    _check_map("feature_a", feature_a, layout)
+    _check_map("feature_b", feature_b, layout)
     _check_batch("feature_a", feature_a, "feature_b", feature_b)
+    feature_a, feature_b = _as_nhwc(feature_a, layout), _as_nhwc(feature_b, layout)
     dtype = _compute_dtype(feature_a, feature_b)
     a, b = _match_spatial(feature_a.astype(dtype), "feature_a", feature_b.astype(dtype),
                           "feature_b")
@@ -340,7 +366,7 @@ def fsp_matrix(feature_a: chex.Array, feature_b: chex.Array) -> chex.Array:
 
 
 def fsp_loss(student_features: Sequence[chex.Array],
-             teacher_features: Sequence[chex.Array]) -> chex.Array:
+             teacher_features: Sequence[chex.Array], layout: str = "NHWC") -> chex.Array:
     """FSP loss (Yim et al., CVPR 2017), per example.
 
     For consecutive pairs ``(f_0, f_1), (f_1, f_2), ...`` of each network,
@@ -352,19 +378,21 @@ def fsp_loss(student_features: Sequence[chex.Array],
     Args:
       student_features: sequence of ``L >= 2`` student maps ``(B, H_j, W_j, C_j)``.
       teacher_features: sequence of ``L`` teacher maps (not differentiated).
+      layout: ``"NHWC"`` (default), ``"NCHW"``, or ``"NLC"`` for token maps ``(B, L, D)``
+        (Gram matrices over sequence positions).
 
     Returns:
       ``[B]`` per-example loss.
     """
     _check_sequences(student_features, teacher_features, 2, "fsp_loss")
     for j, (fs, ft) in enumerate(zip(student_features, teacher_features)):
-        _check_map(f"student_features[{j}]", fs)
-        _check_map(f"teacher_features[{j}]", ft)
+        _check_map(f"student_features[{j}]", fs, layout)
+        _check_map(f"teacher_features[{j}]", ft, layout)
         _check_batch(f"student_features[{j}]", fs, f"teacher_features[{j}]", ft)
     total = None
     for j in range(len(student_features) - 1):
-        s_a, s_b = student_features[j], student_features[j + 1]
-        t_a, t_b = teacher_features[j], teacher_features[j + 1]
+        s_a, s_b = (_as_nhwc(f, layout) for f in student_features[j:j + 2])
+        t_a, t_b = (_as_nhwc(f, layout) for f in teacher_features[j:j + 2])
         if (s_a.shape[-1], s_b.shape[-1]) != (t_a.shape[-1], t_b.shape[-1]):
             raise ValueError(
                 f"fsp_loss pair {j} (features {j} and {j + 1}): student and teacher channel "
@@ -384,6 +412,7 @@ def fsp_loss(student_features: Sequence[chex.Array],
 __all__ = [
     "AT_DEFAULT_BETA",
     "AT_MODES",
+    "LAYOUTS",
     "attention_map",
     "attention_transfer",
     "fitnets_hint",

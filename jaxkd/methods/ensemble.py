@@ -1,7 +1,7 @@
 """Multi-teacher recipes: ``gamma * CE + alpha * (ensemble KD term)``.
 
 The config names several teachers (``config.teachers`` or a list in ``config.teacher.workdir``,
-see :func:`jaxkd.config.teacher_specs`); the step runs them as one ensemble model whose
+see :func:`jaxkd.train.setup.teacher_specs`); the step runs them as one ensemble model whose
 logits are ``[N, B, C]`` (:mod:`jaxkd.models.ensemble`). A single teacher works too (N = 1).
 
 * ``ensemble_kd`` (a): KD from the weighted average of the teachers' soft labels; weights
@@ -22,7 +22,8 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from jaxkd import losses
-from jaxkd.core import LossInputs, Recipe, make_weight_schedule
+from jaxkd.core import LossInputs, Recipe, register_recipe
+from jaxkd.methods.common import ce_plus_kd
 
 __all__ = ["ensemble_kd_recipe", "random_teacher_kd_recipe", "relabel_kd_recipe"]
 
@@ -30,16 +31,8 @@ __all__ = ["ensemble_kd_recipe", "random_teacher_kd_recipe", "relabel_kd_recipe"
 def _with_ce(name: str, kd_fn, temperature: float, alpha: Any, gamma: Any) -> Recipe:
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0; got {temperature}")
-    alpha_fn, gamma_fn = make_weight_schedule(alpha), make_weight_schedule(gamma)
-
-    def loss(inp: LossInputs):
-        ce = losses.cross_entropy(inp.student_logits, inp.labels)
-        kd = kd_fn(inp)
-        total = (gamma_fn(inp.stage_step, inp.stage_progress) * ce
-                 + alpha_fn(inp.stage_step, inp.stage_progress) * kd)
-        return total, {"ce": ce, "kd": kd}
-
-    return Recipe(name=name, loss=loss, uses_teacher=True, multi_teacher=True)
+    return Recipe(name=name, loss=lambda inp: ce_plus_kd(inp, gamma, alpha, kd_fn), uses_teacher=True,
+                  multi_teacher=True)
 
 
 def ensemble_kd_recipe(temperature: float = 4.0, alpha: Any = 0.9, gamma: Any = 0.1,
@@ -90,3 +83,8 @@ def relabel_kd_recipe(temperature: float = 4.0, alpha: Any = 0.9, gamma: Any = 0
     return _with_ce("relabel_kd",
                     lambda inp: losses.relabel_kd(inp.student_logits, inp.teacher_logits, temperature),
                     temperature, alpha, gamma)
+
+
+register_recipe("ensemble_kd", ensemble_kd_recipe)
+register_recipe("random_teacher_kd", random_teacher_kd_recipe)
+register_recipe("relabel_kd", relabel_kd_recipe)

@@ -20,25 +20,16 @@ from typing import Any, Sequence
 import jax.numpy as jnp
 
 from jaxkd import losses
+from jaxkd.core import LossInputs, Recipe, aux_variables, register_recipe, with_aux_state
+from jaxkd.methods.common import ce_plus_kd
 from jaxkd.models.regressor import make_hint_regressor
-from jaxkd.core import LossInputs, Recipe, make_weight_schedule
 
 DEFAULT_LAYERS = ("stage1", "stage2", "stage3")
 
 
 def _logit_terms(inp: LossInputs, gamma: Any, alpha: Any, temperature: float):
     """``gamma * CE + alpha * KD`` (per example) and the parts that are switched on."""
-    total = jnp.zeros(inp.student_logits.shape[0], jnp.float32)
-    parts = {}
-    g = make_weight_schedule(gamma)(inp.stage_step, inp.stage_progress)
-    a = make_weight_schedule(alpha)(inp.stage_step, inp.stage_progress)
-    if gamma != 0:
-        parts["ce"] = losses.cross_entropy(inp.student_logits, inp.labels)
-        total = total + g * parts["ce"]
-    if alpha != 0:
-        parts["kd"] = losses.hinton_kd(inp.student_logits, inp.teacher_logits, temperature)
-        total = total + a * parts["kd"]
-    return total, parts
+    return ce_plus_kd(inp, gamma, alpha, lambda i: losses.hinton_kd(i.student_logits, i.teacher_logits, temperature))
 
 
 def _taps(features, names: Sequence[str], who: str):
@@ -49,54 +40,51 @@ def _taps(features, names: Sequence[str], who: str):
 
 
 def _hint_recipe(name: str, student_layer: str, teacher_layer: str, beta: float, gamma: Any, alpha: Any,
-                 temperature: float, train_up_to: str | None) -> Recipe:
+                 temperature: float, train_up_to: str | None, layout: str = "NHWC") -> Recipe:
     def init_aux(rng, s_feats, t_feats):
         s = _taps(s_feats, [student_layer], "the student")[0]
         t = _taps(t_feats, [teacher_layer], "the teacher")[0]
-        regressor = make_hint_regressor(s.shape, t.shape)
+        regressor = make_hint_regressor(s.shape, t.shape, layout=layout)
         variables = regressor.init(rng, jnp.zeros((1, *s.shape[1:]), jnp.float32), train=False)
         return {k: {"regressor": v} for k, v in variables.items()}
 
     def loss(inp: LossInputs):
         s = _taps(inp.student_features, [student_layer], "the student")[0]
         t = _taps(inp.teacher_features, [teacher_layer], "the teacher")[0]
-        regressor = make_hint_regressor(s.shape, t.shape)
-        variables = {"params": inp.aux_params["regressor"],
-                     **{k: v["regressor"] for k, v in inp.aux_state.items()}}
+        regressor = make_hint_regressor(s.shape, t.shape, layout=layout)
+        variables = aux_variables(inp.aux_params, inp.aux_state, "regressor")
         regressed, new_vars = regressor.apply(variables, s, train=True, mutable=["batch_stats"])
         hint = losses.fitnets_hint(regressed, t)
         total, parts = _logit_terms(inp, gamma, alpha, temperature)
         parts["hint"] = hint
-        new_aux_state = dict(inp.aux_state)
-        for k, v in new_vars.items():
-            new_aux_state[k] = {**inp.aux_state.get(k, {}), "regressor": v}
-        return total + beta * hint, parts, new_aux_state
+        return total + beta * hint, parts, with_aux_state(inp.aux_state, "regressor", new_vars)
 
     return Recipe(name=name, loss=loss, uses_teacher=True, init_aux=init_aux, train_up_to=train_up_to)
 
 
 def fitnets_recipe(student_layer: str = "stage2", teacher_layer: str = "stage2", beta: float = 100.0,
-                   gamma: Any = 1.0, alpha: Any = 0.0, temperature: float = 4.0) -> Recipe:
+                   gamma: Any = 1.0, alpha: Any = 0.0, temperature: float = 4.0, layout: str = "NHWC") -> Recipe:
     """One-stage FitNets (RepDistiller): ``gamma CE + alpha KD + beta hint`` jointly, beta=100.
 
     RepDistiller's ``hint_layer=2`` is the output of the second stage (``"stage2"``).
+    ``layout="NLC"``: transformer token maps (e.g. ``"layer1/hidden"``), a linear regressor.
     """
-    return _hint_recipe("fitnets", student_layer, teacher_layer, beta, gamma, alpha, temperature, None)
+    return _hint_recipe("fitnets", student_layer, teacher_layer, beta, gamma, alpha, temperature, None, layout)
 
 
 def fitnets_hint_recipe(student_layer: str = "stage2", teacher_layer: str = "stage2",
-                        beta: float = 1.0) -> Recipe:
+                        beta: float = 1.0, layout: str = "NHWC") -> Recipe:
     """FitNets stage 1 (the paper): the hint loss alone, training only the student's layers that
     feed ``student_layer`` plus the regressor; every other parameter and batch statistic of the
     student stays bit-for-bit as it was. Follow it with a ``hinton_kd`` stage whose ``alpha``
     decays (e.g. ``{"type": "linear", "init": 4.0, "end": 1.0}`` over the stage, gamma 1)."""
-    return _hint_recipe("fitnets_hint", student_layer, teacher_layer, beta, 0.0, 0.0, 4.0, student_layer)
+    return _hint_recipe("fitnets_hint", student_layer, teacher_layer, beta, 0.0, 0.0, 4.0, student_layer, layout)
 
 
 def attention_recipe(student_layers: Sequence[str] = DEFAULT_LAYERS, teacher_layers: Sequence[str] | None = None,
                      beta: float | None = None, mode: str = "code", p: float = 2.0, gamma: Any = 1.0,
                      alpha: Any = 0.0, temperature: float = 4.0, gradient_beta: float = 0.0,
-                     gradient_p: float = 1.0) -> Recipe:
+                     gradient_p: float = 1.0, layout: str = "NHWC") -> Recipe:
     """Attention transfer: ``gamma CE + alpha KD + AT`` (beta inside AT; default 1000, "code"
     mode as RepDistiller and the authors' code; ``mode="paper"`` for the paper's form).
 
@@ -104,6 +92,7 @@ def attention_recipe(student_layers: Sequence[str] = DEFAULT_LAYERS, teacher_lay
     student's and the teacher's cross-entropy gradients w.r.t. the (augmented) input, computed
     with ``jax.grad`` inside the same jitted step (the student's twice differentiated),
     weighted by ``gradient_beta``. ``layers=()`` with ``gradient_beta > 0`` uses it alone.
+    ``layout``: of the tapped maps, ``"NHWC"``, ``"NCHW"`` or ``"NLC"`` (transformer token maps).
     """
     student_layers = tuple(student_layers)
     teacher_layers = tuple(teacher_layers or student_layers)
@@ -113,7 +102,7 @@ def attention_recipe(student_layers: Sequence[str] = DEFAULT_LAYERS, teacher_lay
         if student_layers:
             at = losses.attention_transfer(_taps(inp.student_features, student_layers, "the student"),
                                            _taps(inp.teacher_features, teacher_layers, "the teacher"),
-                                           mode=mode, p=p, beta=beta)
+                                           mode=mode, p=p, beta=beta, layout=layout)
             parts["at"] = at
             total = total + at
         if gradient_beta:
@@ -130,7 +119,7 @@ def attention_recipe(student_layers: Sequence[str] = DEFAULT_LAYERS, teacher_lay
 
 def fsp_recipe(student_layers: Sequence[str] = ("stem",) + DEFAULT_LAYERS,
                teacher_layers: Sequence[str] | None = None, beta: float = 1.0, gamma: Any = 0.0,
-               alpha: Any = 0.0, temperature: float = 4.0, train_all: bool = False) -> Recipe:
+               alpha: Any = 0.0, temperature: float = 4.0, train_all: bool = False, layout: str = "NHWC") -> Recipe:
     """FSP: ``beta * fsp_loss`` over consecutive pairs of the tapped layers (+ optional CE/KD).
 
     With the defaults (``gamma=alpha=0``) it is RepDistiller's initialisation stage: only the
@@ -142,7 +131,7 @@ def fsp_recipe(student_layers: Sequence[str] = ("stem",) + DEFAULT_LAYERS,
 
     def loss(inp: LossInputs):
         fsp = losses.fsp_loss(_taps(inp.student_features, student_layers, "the student"),
-                              _taps(inp.teacher_features, teacher_layers, "the teacher"))
+                              _taps(inp.teacher_features, teacher_layers, "the teacher"), layout=layout)
         total, parts = _logit_terms(inp, gamma, alpha, temperature)
         parts["fsp"] = fsp
         return total + beta * fsp, parts
@@ -150,3 +139,9 @@ def fsp_recipe(student_layers: Sequence[str] = ("stem",) + DEFAULT_LAYERS,
     return Recipe(name="fsp", loss=loss, uses_teacher=True,
                   train_up_to=None if train_all else student_layers[-1])
 
+
+
+register_recipe("fitnets", fitnets_recipe)
+register_recipe("fitnets_hint", fitnets_hint_recipe)
+register_recipe("at", attention_recipe)
+register_recipe("fsp", fsp_recipe)

@@ -25,12 +25,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxkd import losses
-from jaxkd.core import LossInputs, Recipe
-
-
-def refinery_kl(student_logits: chex.Array, refinery_logits: chex.Array) -> chex.Array:
-    """``KL(softmax(z_R) || softmax(z_S))`` per example (``[B]``); the refinery is a constant."""
-    return losses.hinton_kd(student_logits, refinery_logits, 1.0, "kl")
+from jaxkd.core import LossInputs, Recipe, register_recipe
+from jaxkd.losses import refinery_kl
 
 
 def adversarial_jitter(refinery_apply: Callable, x: chex.Array, eps: float, rng: chex.Array,
@@ -69,3 +65,6 @@ def label_refinery_recipe(adversarial_eps: float = 0.0, adversarial_fraction: fl
     return Recipe(name="label_refinery", loss=loss, uses_teacher=True,
                   teacher_logits_only=adversarial_eps == 0,  # jittering runs the refinery
                   teacher_temperature=1.0)
+
+
+register_recipe("label_refinery", label_refinery_recipe)

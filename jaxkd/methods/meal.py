@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxkd import losses
-from jaxkd.core import LossInputs, Recipe
+from jaxkd.core import LossInputs, Recipe, register_recipe
 
 __all__ = ["OutputDiscriminator", "meal_v2_recipe"]
 
@@ -91,3 +91,6 @@ def meal_v2_recipe(adv_weight: float = 1.0, disc_lr: float = 1e-4, disc_optimize
                  "momentum": 0.9, "nesterov": False, "warmup_epochs": 0.0}
     return Recipe(name="meal_v2", loss=loss, uses_teacher=True, init_aux=init_aux, multi_teacher=True,
                   aux_optim=aux_optim)
+
+
+register_recipe("meal_v2", meal_v2_recipe)

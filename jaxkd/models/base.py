@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 from flax.core import unfreeze
+from flax.core.scope import DenyList
 
 Array = jax.Array
 Variables = dict[str, Any]
@@ -78,12 +79,39 @@ def split_model_output(out: Any) -> tuple[Array, Features]:
     return logits, features
 
 
+def _is_sown(tree) -> bool:
+    """A collection written by ``sow``: every value is a tuple (sow's default ``reduce_fn``)."""
+    leaves = jax.tree_util.tree_leaves(tree, is_leaf=lambda v: isinstance(v, tuple))
+    return bool(leaves) and all(isinstance(v, tuple) for v in leaves)
+
+
+def _add_sown(features: dict, sown: Mapping[str, Any], name: str) -> None:
+    """Adds what the module sowed to ``features``: ``"intermediates"`` under the module path
+    (``"block0/attn_probs"``), other collections prefixed with theirs (``"attention/block0/probs"``).
+    A value sown once is the array itself, sown ``n`` times ``".../0"`` .. ``".../n-1"``."""
+    for coll, tree in sown.items():
+        flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda v: isinstance(v, tuple))
+        for path, value in flat:
+            key = "/".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
+            key = key if coll == "intermediates" else f"{coll}/{key}"
+            items = [(key, value[0])] if isinstance(value, tuple) and len(value) == 1 else (
+                [(f"{key}/{i}", v) for i, v in enumerate(value)] if isinstance(value, tuple) else [(key, value)])
+            for k, v in items:
+                if k in features:
+                    raise ValueError(f"from_linen({name!r}): the module sows {k!r} and also returns a feature of "
+                                     "that name; rename one")
+                features[k] = v
+
+
 def from_linen(module: nn.Module, name: str) -> ModelFns:
     """Wrap a Linen module whose ``__call__(x, train)`` returns logits or (logits, features).
 
     ``init`` calls ``module.init`` in eval mode with the same key for the ``"params"`` and
-    ``"dropout"`` streams. ``apply`` marks every non-``"params"`` collection mutable in train
-    mode and passes ``rng`` as the ``"dropout"`` stream.
+    ``"dropout"`` streams. ``apply`` marks every non-``"params"`` collection mutable and passes
+    ``rng`` as the ``"dropout"`` stream: state collections (``"batch_stats"``) come back updated in
+    train mode (unchanged in eval mode), and everything the module ``sow``s, in any collection,
+    comes back in the features (``"intermediates"`` by module path, e.g. ``"block0/attn_probs"``;
+    other collections prefixed with their name). Nothing sown is dropped.
 
     If the module's features lack ``"embedding"``, the input of the last ``nn.Dense`` called
     in the forward pass (the classifier of a standard network) is used; a module that calls
@@ -91,8 +119,9 @@ def from_linen(module: nn.Module, name: str) -> ModelFns:
     """
 
     def init(rng: Array, x: Array) -> Variables:
-        variables = module.init({"params": rng, "dropout": rng}, x, train=False)
-        return unfreeze(variables)
+        variables = unfreeze(module.init({"params": rng, "dropout": rng}, x, train=False))
+        # what the module sowed during init is output, not state
+        return {k: v for k, v in variables.items() if k == "params" or not _is_sown(v)}
 
     def apply(
         variables: Mapping[str, Any], x: Array, train: bool, rng: Array | None = None
@@ -107,15 +136,14 @@ def from_linen(module: nn.Module, name: str) -> ModelFns:
             return next_fun(*args, **kwargs)
 
         with nn.intercept_methods(record_dense_input):
-            if train and state:
-                out, updates = module.apply(
-                    variables, x, train=True, rngs=rngs, mutable=list(state)
-                )
-                new_state = {**state, **unfreeze(updates)}
-            else:
-                out = module.apply(variables, x, train=train, rngs=rngs)
-                new_state = state
+            # every collection but the params is mutable, so values the module sows (Flax's idiom
+            # for attention weights and other taps) come back instead of being dropped
+            out, updates = module.apply(variables, x, train=train, rngs=rngs, mutable=DenyList("params"))
+        updates = unfreeze(updates)
+        new_state = {**state, **{k: updates[k] for k in state if k in updates}} if train else state
+        sown = {k: v for k, v in updates.items() if k not in state}
         logits, features = split_model_output(out)
+        _add_sown(features, sown, name)
         if "embedding" not in features:
             if not dense_inputs:
                 raise ValueError(

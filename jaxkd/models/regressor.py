@@ -104,14 +104,41 @@ class HintRegressor(nn.Module):
         return nn.relu(y)
 
 
+class TokenRegressor(nn.Module):
+    """FitNets regressor for token maps ``(B, L, D_s) -> (B, L, D_t)``: one linear projection per
+    token (TinyBERT's ``W_h``), PyTorch ``nn.Linear`` initialisation, no normalisation."""
+
+    out_features: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool) -> Array:
+        if getattr(x, "ndim", None) != 3:
+            raise ValueError(f"x must be a token map (B, L, D); got shape {getattr(x, 'shape', None)}")
+        c_in = x.shape[-1]
+        return nn.Dense(check_positive_int(self.out_features, "out_features"), dtype=self.dtype,
+                        param_dtype=jnp.float32, kernel_init=_conv_kernel_init,
+                        bias_init=torch_linear_bias_init(c_in), name="proj")(x)
+
+
 def make_hint_regressor(student_feature_shape: Sequence[int],
-                        teacher_feature_shape: Sequence[int], dtype: Any = jnp.float32
-                        ) -> HintRegressor:
-    """Build the :class:`HintRegressor` for NHWC feature shapes ``(B, H, W, C)`` or ``(H, W, C)``.
+                        teacher_feature_shape: Sequence[int], dtype: Any = jnp.float32,
+                        layout: str = "NHWC") -> nn.Module:
+    """Build the regressor for feature shapes in ``layout``: NHWC ``(B, H, W, C)`` or ``(H, W, C)``
+    (a :class:`HintRegressor`), or token maps ``(B, L, D)`` with ``layout="NLC"`` (a
+    :class:`TokenRegressor`, equal lengths ``L``).
 
     Raises:
       ValueError: for shapes of the wrong rank or an unsupported spatial relation.
     """
+    if layout == "NLC":
+        s, t = tuple(int(d) for d in student_feature_shape), tuple(int(d) for d in teacher_feature_shape)
+        if len(s) not in (2, 3) or len(t) not in (2, 3) or s[-2] != t[-2]:
+            raise ValueError(f"token maps must be (B, L, D) or (L, D) with the same length L; got student {s}, "
+                             f"teacher {t}")
+        return TokenRegressor(out_features=t[-1], dtype=dtype)
+    if layout != "NHWC":
+        raise ValueError(f"the hint regressor takes layout 'NHWC' or 'NLC'; got {layout!r}")
     shapes = []
     for name, shape in (("student_feature_shape", student_feature_shape),
                         ("teacher_feature_shape", teacher_feature_shape)):
@@ -124,4 +151,4 @@ def make_hint_regressor(student_feature_shape: Sequence[int],
     return HintRegressor(out_channels=tc, student_hw=(sh, sw), teacher_hw=(th, tw), dtype=dtype)
 
 
-__all__ = ["HintRegressor", "make_hint_regressor", "regressor_kind"]
+__all__ = ["HintRegressor", "TokenRegressor", "make_hint_regressor", "regressor_kind"]

@@ -6,7 +6,7 @@ dependencies (ml_collections, tfds, grain, orbax) and is imported on first use, 
 code, benchmarks and accelerator images without those can still build and run train steps.
 """
 
-from jaxkd.train.recipes import RECIPES, LossInputs, Recipe, build_recipe, make_weight_schedule
+from jaxkd.train.recipes import LossInputs, Recipe, build_recipe, list_recipes, make_weight_schedule, register_recipe
 from jaxkd.train.step import (InputPipeline, TrainState, create_train_state, make_eval_step, make_mesh,
                               make_train_step, shard_batch)
 
@@ -21,6 +21,6 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'jaxkd.train' has no attribute {name!r}")
 
 
-__all__ = ["RECIPES", "InputPipeline", "LossInputs", "Recipe", "TrainState", "TrainingError", "build_recipe",
+__all__ = ["InputPipeline", "LossInputs", "Recipe", "TrainState", "TrainingError", "build_recipe",
            "create_train_state", "evaluate", "make_eval_step", "make_mesh", "make_train_step",
-           "make_weight_schedule", "shard_batch", "train_and_evaluate"]
+           "list_recipes", "make_weight_schedule", "register_recipe", "shard_batch", "train_and_evaluate"]

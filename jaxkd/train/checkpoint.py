@@ -23,9 +23,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-
-class CheckpointError(RuntimeError):
-    """No usable checkpoint, or a checkpoint that does not fit the model."""
+from jaxkd.errors import CheckpointError  # noqa: F401  (re-exported: jaxkd.train.checkpoint.CheckpointError)
 
 
 def _barriers(directory: str) -> ocp.options.MultiprocessingOptions:
@@ -95,6 +93,38 @@ def save_best(manager: ocp.CheckpointManager, step: int, model: dict, meta: dict
                  metrics={"accuracy": selection_score(key)}, force=True)
 
 
+class BestCheckpoint:
+    """The best epoch of a run, chosen by :func:`improves` and saved with Orbax: the student in
+    ``WORKDIR/best`` and Apprentice's joint teacher in ``WORKDIR/joint_teacher/best`` alike.
+
+    The choice is recorded in the run's ``meta`` (checkpointed with it, so a resumed run goes on
+    comparing with the same best): ``{prefix}best_accuracy``, ``best_epoch``, ``best_key`` and
+    ``best_val_accuracy`` (``prefix`` ``""`` for the student, ``"joint_teacher_"`` for the teacher).
+    """
+
+    def __init__(self, workdir: str, prefix: str = ""):
+        self.manager = best_manager(workdir)
+        self.prefix = prefix
+
+    def consider(self, meta: dict, step: int, epoch: int, key, accuracy: float, val_accuracy: float | None,
+                 variables: dict, cfg_dict: dict) -> bool:
+        """Saves ``variables`` (``{"params", **state}``) as the best checkpoint if ``key`` beats the
+        best in ``meta``; returns whether it did."""
+        p = self.prefix
+        if not improves(key, best_key_so_far(meta, p)):
+            return False
+        meta[f"{p}best_accuracy"], meta[f"{p}best_epoch"], meta[f"{p}best_key"] = accuracy, epoch, list(key)
+        best_meta = {"epoch": epoch, "accuracy": accuracy, "config": cfg_dict}
+        if val_accuracy is not None:
+            meta[f"{p}best_val_accuracy"] = best_meta["val_accuracy"] = val_accuracy
+        model = {"params": variables["params"], "model_state": {k: v for k, v in variables.items() if k != "params"}}
+        save_best(self.manager, step, model, best_meta, key)
+        return True
+
+    def wait_until_finished(self) -> None:
+        self.manager.wait_until_finished()
+
+
 def restore_latest(manager: ocp.CheckpointManager, state_template) -> tuple[int, Any, dict, dict] | None:
     """Restores the newest usable checkpoint: ``(step, state, data_state, meta)`` or ``None``.
 
@@ -109,10 +139,8 @@ def restore_latest(manager: ocp.CheckpointManager, state_template) -> tuple[int,
     failures = []
     for step in steps:
         try:
-            restored = manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(state_template(step) if callable(state_template)
-                                               else state_template), data=ocp.args.JsonRestore(),
-                meta=ocp.args.JsonRestore()))
+            restored = _restore_run_step(manager, step, state_template(step) if callable(state_template)
+                                         else state_template)
         except Exception as e:  # noqa: BLE001 - any failure means "this step is unusable"
             msg = (f"checkpoint step {step} in {manager.directory} is unusable ({type(e).__name__}: "
                    f"{str(e)[:300]}); ")
@@ -134,6 +162,23 @@ def restore_latest(manager: ocp.CheckpointManager, state_template) -> tuple[int,
             f"(steps {[s for s, _ in failures]}); first error: {failures[0][1]}. "
             "Move the directory away to start from scratch.")
     return None
+
+
+def _restore_run_step(manager: ocp.CheckpointManager, step: int, template):
+    """Restores a run checkpoint into ``template``. Checkpoints written before train states had
+    ``recipe_state`` restore into a run without recipe state (the field then stays ``{}``)."""
+    def restore(item):
+        return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(item),
+                                                             data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+    try:
+        return restore(template)
+    except ValueError as e:
+        if getattr(template, "recipe_state", None) != {} or "recipe_state" not in str(e):
+            raise
+    older = {k: getattr(template, k) for k in ("step", "params", "model_state", "opt_state", "rng")}
+    restored = restore(older)
+    state = template.replace(**restored.state, recipe_state={})
+    return type("Restored", (), {"state": state, "data": restored.data, "meta": restored.meta})
 
 
 def _set_aside(manager: ocp.CheckpointManager, step: int) -> str:

@@ -4,8 +4,8 @@ The teacher is the auxiliary module ``aux/teacher`` of the run's state, so the r
 checkpoints hold its params, batch statistics and optimizer state and resume covers it.
 This module gives the loop what it needs around that:
 
-* :func:`initial_variables`: from ``config.teacher.workdir`` (a finished run, restored with
-  :func:`~jaxkd.train.checkpoint.load_model_variables`) when that is set, else a fresh init;
+* its starting variables come from :func:`jaxkd.train.setup.joint_teacher_init` (the finished
+  run in ``config.teacher.workdir`` when that is set, else a fresh init);
 * :class:`JointTeacherEval`: eval accuracy of the teacher at every eval epoch
   (``eval/teacher_accuracy`` in ``metrics.jsonl``) and its best-accuracy variables saved to
   ``WORKDIR/joint_teacher`` (``best/`` plus ``summary.json``), the layout of an ordinary run,
@@ -18,23 +18,15 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Callable
 
 import jax
 
 from jaxkd.train import checkpoint as ckpt_lib
 from jaxkd.train import step as step_lib
+from jaxkd.train.evaluation import evaluate_for_selection
 
 SUBDIR = "joint_teacher"
-
-
-def initial_variables(config, teacher, sample_input, rng) -> tuple[dict, dict | None]:
-    """``(variables, meta)``: the pretrained teacher of ``config.teacher.workdir``, or a fresh init
-    (``meta`` None)."""
-    template = teacher.init(rng, sample_input)
-    if not config.teacher.workdir:
-        return template, None
-    return ckpt_lib.load_model_variables(config.teacher.workdir, template, config.teacher.checkpoint)
+PREFIX = "joint_teacher_"  # its keys in the run's meta (see checkpoint.BestCheckpoint)
 
 
 def teacher_variables(state) -> dict:
@@ -43,49 +35,39 @@ def teacher_variables(state) -> dict:
 
 
 class JointTeacherEval:
-    """Evaluates the joint teacher at eval epochs and keeps its best checkpoint.
+    """Evaluates the joint teacher at eval epochs and keeps its best checkpoint, picked as the
+    student's is (on the validation set when there is one)."""
 
-    ``evaluate`` is :func:`jaxkd.train.loop.evaluate_for_selection`: with ``val_src`` the best
-    teacher is picked on the validation set, as the student is."""
-
-    def __init__(self, workdir: str, teacher, pipeline, mesh, evaluate: Callable, eval_src, batch_size: int,
-                 cfg_dict: dict, val_src=None):
+    def __init__(self, workdir: str, teacher, pipeline, mesh, eval_src, batch_size: int, cfg_dict: dict,
+                 val_src=None):
         self.dir = os.path.join(workdir, SUBDIR)
-        self.teacher, self.mesh, self.evaluate = teacher, mesh, evaluate
-        self.eval_src, self.batch_size, self.cfg_dict = eval_src, batch_size, cfg_dict
-        self.val_src = val_src  # when set, it picks the best teacher (as for the student)
+        self.mesh, self.eval_src, self.val_src = mesh, eval_src, val_src
+        self.batch_size, self.cfg_dict = batch_size, cfg_dict
         self.eval_step = step_lib.make_eval_step(teacher, pipeline, mesh=mesh)
-        self.best_mgr = ckpt_lib.best_manager(self.dir)
+        self.best = ckpt_lib.BestCheckpoint(self.dir, PREFIX)
 
-    def __call__(self, state, step: int, epoch: int, meta: dict, save: bool = True) -> dict:
+    def __call__(self, state, step: int, epoch: int, meta: dict) -> dict:
         variables = teacher_variables(state)
-        ev, ev_val, key = self.evaluate(self.eval_step, variables, self.eval_src, self.val_src,
-                                        self.batch_size, self.mesh)
+        ev, ev_val, key = evaluate_for_selection(self.eval_step, variables, self.eval_src, self.val_src,
+                                                 self.batch_size, self.mesh)
         out = {"eval/teacher_accuracy": ev["accuracy"], "eval/teacher_loss": ev["loss"]}
         if ev_val is not None:
             out.update({"val/teacher_accuracy": ev_val["accuracy"], "val/teacher_loss": ev_val["loss"]})
-        if save and ckpt_lib.improves(key, ckpt_lib.best_key_so_far(meta, "joint_teacher_")):
-            meta["joint_teacher_best_accuracy"], meta["joint_teacher_best_epoch"] = ev["accuracy"], epoch
-            meta["joint_teacher_best_key"] = list(key)
-            best_meta = {"epoch": epoch, "accuracy": ev["accuracy"], "config": self.cfg_dict}
-            if ev_val is not None:
-                meta["joint_teacher_best_val_accuracy"] = best_meta["val_accuracy"] = ev_val["accuracy"]
-            model = {"params": variables["params"], "model_state": {k: v for k, v in variables.items()
-                                                                    if k != "params"}}
-            ckpt_lib.save_best(self.best_mgr, step, model, best_meta, key)
+        self.best.consider(meta, step, epoch, key, ev["accuracy"], ev_val and ev_val["accuracy"], variables,
+                           self.cfg_dict)
         return out
 
     def finish(self, meta: dict, last_accuracy: float | None) -> None:
-        self.best_mgr.wait_until_finished()
+        self.best.wait_until_finished()
         if jax.process_index() != 0:
             return
         teacher_cfg = self.cfg_dict.get("teacher", {})
         summary = {"method": "joint teacher of " + str(self.cfg_dict.get("method", {}).get("name")),
                    "model": teacher_cfg.get("name"), "model_kwargs": teacher_cfg.get("kwargs"),
-                   "best_accuracy": meta.get("joint_teacher_best_accuracy"),
-                   "best_epoch": meta.get("joint_teacher_best_epoch"), "last_accuracy": last_accuracy,
+                   "best_accuracy": meta.get(PREFIX + "best_accuracy"),
+                   "best_epoch": meta.get(PREFIX + "best_epoch"), "last_accuracy": last_accuracy,
                    "selected_on": "val" if self.val_src is not None else "eval_split",
-                   "best_val_accuracy": meta.get("joint_teacher_best_val_accuracy")}
+                   "best_val_accuracy": meta.get(PREFIX + "best_val_accuracy")}
         os.makedirs(self.dir, exist_ok=True)
         with open(os.path.join(self.dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)

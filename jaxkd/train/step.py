@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxkd._xla_defaults import eval_compiler_options
 from jaxkd.models import ModelFns
-from jaxkd.train.recipes import LossInputs, Recipe
+from jaxkd.core import LossInputs, Recipe, RecipeContext, as_loss_output, aux_variables, with_aux_state
 
 
 @flax.struct.dataclass
@@ -37,6 +37,7 @@ class TrainState:
     model_state: Any     # {"student": {"batch_stats": ...}, "aux": auxiliary modules' collections}
     opt_state: Any
     rng: jax.Array       # raw uint32 PRNG key, folded with the step each step
+    recipe_state: Any = flax.struct.field(default_factory=dict)  # {recipe name: its state} (Recipe.init_state)
 
     def student_variables(self) -> dict:
         """The student's Flax variables ``{"params": ..., "batch_stats": ...}``."""
@@ -55,14 +56,34 @@ class InputPipeline:
     def __call__(self, rng, images, train: bool, crop_flip=None):
         """``crop_flip``: optional ``(offsets (B, 2), flips (B,))`` to use instead of random
         choices drawn from ``rng`` (a stored view, see :mod:`jaxkd.train.teacher_cache`)."""
+        if train:
+            images = self.augment(rng, images, crop_flip)
+        return self.normalize(images)
+
+    def augment(self, rng, images, crop_flip=None):
+        """The data set's training augmentation (random crop with ``pad``, horizontal ``flip``) of
+        raw images, or the given ``crop_flip``; unchanged when the run does not augment."""
         from jaxkd.data import augment
 
-        if train and (self.pad or self.flip):
-            if crop_flip is not None:
-                images = augment.apply_crop_flip(images, *crop_flip, pad=self.pad, flip=self.flip)
-            else:
-                images = augment.random_crop_flip(rng, images, pad=self.pad, flip=self.flip)
+        if not (self.pad or self.flip):
+            return images
+        if crop_flip is not None:
+            return augment.apply_crop_flip(images, *crop_flip, pad=self.pad, flip=self.flip)
+        return augment.random_crop_flip(rng, images, pad=self.pad, flip=self.flip)
+
+    def normalize(self, images):
+        """Raw images (``uint8`` scaled to [0, 1], or float) to network inputs: ``(x - mean) / std``."""
+        from jaxkd.data import augment
+
         return augment.normalize(images, self.mean, self.std)
+
+
+def default_prepare_batch(batch, rng, pipeline: InputPipeline):
+    """What the step does with a batch unless the recipe prepares it (``Recipe.prepare_batch``):
+    ``image`` augmented (with the batch's stored crop and flip when it carries them, a teacher
+    cache's views) and normalised."""
+    given_view = (batch["aug_offsets"], batch["aug_flips"]) if "aug_offsets" in batch else None
+    return {**batch, "image": pipeline(rng, batch["image"], train=True, crop_flip=given_view)}
 
 
 def data_sharding(mesh: Mesh) -> NamedSharding:
@@ -75,41 +96,81 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def create_train_state(rng, student: ModelFns, recipes: Recipe | Sequence[Recipe],
                        tx: optax.GradientTransformation, sample_input, teacher: ModelFns | None = None,
-                       teacher_variables=None, trainable_teacher_variables=None) -> TrainState:
-    """Initialises student and auxiliary params, model state and optimizer state.
+                       teacher_variables=None, trainable_teacher_variables=None, num_train: int | None = None,
+                       train_labels=None, num_classes: int | None = None) -> TrainState:
+    """Initialises student and auxiliary params, model state, recipe state and optimizer state.
 
     ``recipes`` may be several (the stages of a run): the auxiliary modules of all of them
-    are created up front, so the params tree is the same in every stage.
+    are created up front, so the params tree is the same in every stage. A module is declared by
+    name once per run: when several recipes declare the same name with the same shapes, the first
+    declaration creates it and the others share it (a head trained in one stage, read or frozen in
+    a later one); other shapes under one name are an error.
     ``trainable_teacher_variables`` (recipes with ``trains_teacher``) become the auxiliary
     module ``"teacher"``: ``params["aux"]["teacher"]`` and ``model_state["aux"][coll]["teacher"]``.
+    Recipes with ``init_state`` get their state from a :class:`~jaxkd.core.RecipeContext` built
+    from ``num_train``, ``train_labels`` (by position) and ``num_classes``.
     """
     recipes = [recipes] if isinstance(recipes, Recipe) else list(recipes)
     init_rng, aux_rng, state_rng = jax.random.split(rng, 3)
-    variables = dict(student.init(init_rng, sample_input))
+    variables = dict(jax.jit(student.init)(init_rng, sample_input))  # (eager Flax init is slow on CPU)
     params = {"student": variables.pop("params"), "aux": {}}
     model_state = {"student": variables, "aux": {}}
     if trainable_teacher_variables is not None:
         t_vars = dict(trainable_teacher_variables)
         params["aux"][JOINT_TEACHER] = t_vars.pop("params")
-        for coll, tree in t_vars.items():
-            model_state["aux"].setdefault(coll, {})[JOINT_TEACHER] = tree
-    with_aux = [r for r in recipes if r.init_aux is not None]
-    if with_aux:
-        _, s_feats, _ = student.apply({"params": params["student"], **variables}, sample_input, train=False)
-        t_feats = None
+        model_state["aux"] = with_aux_state(model_state["aux"], JOINT_TEACHER, t_vars)
+    s_feats = t_feats = None
+    if any(r.init_aux is not None or r.init_state is not None for r in recipes):
+        # shapes are all init_aux needs: traced, not run
+        s_feats = jax.eval_shape(lambda v: student.apply(v, sample_input, train=False)[1],
+                                 {"params": params["student"], **variables})
         if teacher is not None and teacher_variables is not None:
-            _, t_feats, _ = teacher.apply(teacher_variables, sample_input, train=False)
-        for i, r in enumerate(with_aux):
-            aux_vars = dict(r.init_aux(jax.random.fold_in(aux_rng, i), s_feats, t_feats))
-            aux_params = aux_vars.pop("params")
-            clash = set(aux_params) & set(params["aux"])
-            if clash:
-                raise ValueError(f"auxiliary modules {sorted(clash)} are created by two recipes")
-            params["aux"].update(aux_params)
-            for coll, tree in aux_vars.items():
-                model_state["aux"].setdefault(coll, {}).update(tree)
+            t_feats = jax.eval_shape(lambda v: teacher.apply(v, sample_input, train=False)[1], teacher_variables)
+    for i, r in enumerate(r for r in recipes if r.init_aux is not None):
+        aux_vars = dict(jax.jit(lambda key, r=r: r.init_aux(key, s_feats, t_feats))(jax.random.fold_in(aux_rng, i)))
+        _add_aux_modules(params, model_state, aux_vars, r.name)
+    recipe_state = {}
+    for i, r in enumerate(r for r in recipes if r.init_state is not None):
+        if r.name in recipe_state:  # one state per method name, shared by its stages
+            continue
+        ctx = RecipeContext(num_train=num_train, num_classes=num_classes, train_labels=train_labels,
+                            student_features=s_feats, teacher_features=t_feats,
+                            rng=jax.random.fold_in(aux_rng, 1_000_003 + i))
+        recipe_state[r.name] = jax.tree.map(jnp.asarray, r.init_state(ctx))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
-                      opt_state=tx.init(params), rng=state_rng)
+                      opt_state=tx.init(params), rng=state_rng, recipe_state=recipe_state)
+
+
+def _add_aux_modules(params, model_state, aux_vars, recipe_name: str) -> None:
+    """Adds a recipe's auxiliary modules; a name declared before must have the same shapes (shared)."""
+    aux_params = aux_vars.pop("params")
+    for name, tree in aux_params.items():
+        if name in params["aux"]:
+            shapes = lambda t: jax.tree.map(lambda a: (a.shape, a.dtype), t)  # noqa: E731
+            if shapes(params["aux"][name]) != shapes(tree):
+                raise ValueError(f"auxiliary module {name!r} is declared again by method {recipe_name!r} with other "
+                                 "shapes; a module is declared by name once per run (rename one of them)")
+            continue
+        params["aux"][name] = tree
+        model_state["aux"] = with_aux_state(model_state["aux"], name,
+                                            {coll: t[name] for coll, t in aux_vars.items() if name in t})
+
+
+def state_shardings(state: TrainState, mesh: Mesh, recipes: Sequence[Recipe] = ()):
+    """The sharding of every leaf of ``state`` on ``mesh``: replicated, except recipe state whose
+    recipe gives a ``state_partition``."""
+    rep = replicated(mesh)
+    out = jax.tree.map(lambda _: rep, state)
+    parts = {r.name: r.state_partition for r in recipes if r.state_partition is not None}
+    if not parts or not state.recipe_state:
+        return out
+    recipe_state = dict(out.recipe_state)
+    for name, spec in parts.items():
+        if name in state.recipe_state:
+            recipe_state[name] = jax.tree.map(lambda sp, sub: jax.tree.map(lambda _: NamedSharding(mesh, sp), sub),
+                                              spec, state.recipe_state[name],
+                                              is_leaf=lambda x: isinstance(x, P))
+    return out.replace(recipe_state=recipe_state)
 
 
 JOINT_TEACHER = "teacher"  # name of a jointly trained teacher among the auxiliary modules
@@ -117,15 +178,7 @@ JOINT_TEACHER = "teacher"  # name of a jointly trained teacher among the auxilia
 
 def joint_teacher_variables(aux_params, aux_state) -> dict:
     """The Flax variables of the jointly trained teacher (``aux/teacher``)."""
-    return {"params": aux_params[JOINT_TEACHER],
-            **{coll: tree[JOINT_TEACHER] for coll, tree in aux_state.items() if JOINT_TEACHER in tree}}
-
-
-def _with_joint_teacher_state(aux_state, teacher_state):
-    out = dict(aux_state)
-    for coll, tree in teacher_state.items():
-        out[coll] = {**aux_state.get(coll, {}), JOINT_TEACHER: tree}
-    return out
+    return aux_variables(aux_params, aux_state, JOINT_TEACHER)
 
 
 def param_path(path) -> str:
@@ -167,7 +220,7 @@ def params_feeding(student: ModelFns, variables, sample_input, tap: str) -> froz
             raise ValueError(f"model {student.name!r} has no feature {tap!r}; it has {sorted(feats)}")
         return jnp.sum(jnp.square(feats[tap].astype(jnp.float32)))
 
-    grads = jax.grad(f)(params)
+    grads = jax.jit(jax.grad(f))(params)
     flat, _ = jax.tree_util.tree_flatten_with_path(grads)
     return frozenset("student/" + param_path(p) for p, g in flat if np.any(np.asarray(g) != 0))
 
@@ -189,115 +242,160 @@ def make_train_step(student: ModelFns, recipe: Recipe, tx: optax.GradientTransfo
                     mesh: Mesh | None = None, lr_schedule: Callable | None = None,
                     steps_per_epoch: int | None = None, stage_start: int = 0,
                     num_epochs: int | None = None, donate: bool = True,
-                    skip_nonfinite: bool = False, cached_teacher: bool = False) -> Callable:
+                    skip_nonfinite: bool = False, cached_teacher: bool = False,
+                    state_sharding=None) -> Callable:
     """Builds ``step(state, teacher_variables, batch) -> (state, metrics)``, jit-compiled.
 
-    ``metrics`` are scalars (global batch means): ``loss``, each loss component, ``accuracy``,
-    ``lr`` and ``grad_norm``; ``teacher_accuracy`` when a teacher runs. ``stage_start`` is the
-    global step at which the current stage began (recipes' schedules count from there);
-    ``lr_schedule`` is evaluated at the stage step as well. Params outside
-    ``recipe.trainable`` keep their values and batch statistics exactly.
+    ``batch`` holds every per-example field of the data (``image``, ``label``, ``id``, ``index``,
+    ...), split over the mesh's ``data`` axis; the recipe prepares it (``Recipe.prepare_batch``,
+    default: augment and normalise ``image``) and its loss sees all of it (:class:`LossInputs`).
+    The objective is ``mean(per_example) + sum(batch_terms)`` (:class:`~jaxkd.core.LossOutput`).
+
+    ``metrics`` are scalars (global batch means): ``loss``, each loss component and batch term,
+    ``accuracy``, ``lr`` and ``grad_norm``; ``teacher_accuracy`` when a teacher runs.
+    ``stage_start`` is the global step at which the current stage began (recipes' schedules count
+    from there); ``lr_schedule`` is evaluated at the stage step as well. Params the recipe does not
+    train (``Recipe.trains``) keep their values and batch statistics exactly.
 
     With ``skip_nonfinite``, a step whose loss or gradient norm is not finite changes no
-    params, batch statistics or optimizer state (the step counter still advances, so the
-    data and RNG stream go on); ``metrics["skipped"]`` is 1.0 for such a step, else 0.0.
+    params, batch statistics, recipe state or optimizer state (the step counter still advances,
+    so the data and RNG stream go on); ``metrics["skipped"]`` is 1.0 for such a step, else 0.0.
 
     With ``cached_teacher``, the teacher does not run: ``batch["teacher_logits"]`` ``[B, C]``
     (looked up by example id from a teacher-output cache, :mod:`jaxkd.train.teacher_cache`)
     are the teacher's logits, and ``teacher_variables`` is ignored. Only for recipes with
-    ``teacher_logits_only``.
+    ``teacher_logits_only``. ``state_sharding`` (default: everything replicated; see
+    :func:`state_shardings`) places the train state on ``mesh``.
     """
     if cached_teacher and ((recipe.uses_teacher and not recipe.teacher_logits_only) or recipe.trains_teacher):
         raise ValueError(f"method {recipe.name!r} needs the teacher network (features or teacher_apply); "
                          "it cannot train from cached teacher logits")
     if (recipe.uses_teacher or recipe.trains_teacher) and teacher is None and not cached_teacher:
         raise ValueError(f"method {recipe.name!r} needs a teacher model; none was given")
+    prepare = recipe.prepare_batch or default_prepare_batch
 
     def step(state: TrainState, teacher_variables, batch):
         rng = jax.random.fold_in(state.rng, state.step)
-        aug_rng, dropout_rng, loss_rng = jax.random.split(rng, 3)
-        # a batch may carry its augmentation (a cached teacher's stored views); else it is random
-        given_view = (batch["aug_offsets"], batch["aug_flips"]) if "aug_offsets" in batch else None
-        x = pipeline(aug_rng, batch["image"], train=True, crop_flip=given_view)
-        labels = batch["label"]
+        prep_rng, dropout_rng, loss_rng = jax.random.split(rng, 3)
+        batch = prepare(dict(batch), prep_rng, pipeline)
         stage_step = state.step - stage_start
-        epoch = stage_step // steps_per_epoch if steps_per_epoch else jnp.zeros((), jnp.int32)
-        progress = (stage_step.astype(jnp.float32) / float(steps_per_epoch * num_epochs)
-                    if steps_per_epoch and num_epochs else None)
-        t_logits = t_feats = teacher_fn = None
-        if recipe.uses_teacher and cached_teacher:
-            t_logits = jax.lax.stop_gradient(batch["teacher_logits"])
-        elif recipe.uses_teacher:
-            def teacher_fn(inputs):
-                # No stop_gradient here: the teacher's variables are constants of the step (never
-                # differentiated), and methods need gradients w.r.t. the teacher's *inputs*
-                # (BSS's attack, gradient-based attention).
-                logits, feats, _ = teacher.apply(teacher_variables, inputs, train=False)
-                return logits, feats
-            t_logits, t_feats = jax.lax.stop_gradient(teacher_fn(x))
-
-        def loss_fn(params):
-            variables = {"params": params["student"], **state.model_state["student"]}
-            logits, feats, new_student_state = student.apply(variables, x, train=True, rng=dropout_rng)
-
-            def student_fn(inputs):
-                out_logits, out_feats, _ = student.apply(variables, inputs, train=True, rng=dropout_rng)
-                return out_logits, out_feats
-
-            aux_state, tl, tf, t_apply = state.model_state["aux"], t_logits, t_feats, teacher_fn
-            if recipe.trains_teacher:  # the jointly trained teacher: train mode, differentiated
-                t_vars = joint_teacher_variables(params["aux"], aux_state)
-                t_rng = jax.random.fold_in(dropout_rng, 1)
-                tl, tf, new_t_state = teacher.apply(t_vars, x, train=True, rng=t_rng)
-                aux_state = _with_joint_teacher_state(aux_state, new_t_state)
-
-                def t_apply(inputs):
-                    out_logits, out_feats, _ = teacher.apply(t_vars, inputs, train=True, rng=t_rng)
-                    return out_logits, out_feats
-
-            out = recipe.loss(LossInputs(
-                student_logits=logits, student_features=feats, teacher_logits=tl,
-                teacher_features=tf, labels=labels, step=state.step, aux_params=params["aux"],
-                aux_state=aux_state, rng=loss_rng, stage_step=stage_step, epoch=epoch,
-                num_epochs=num_epochs, stage_progress=progress, inputs=x, student_apply=student_fn,
-                teacher_apply=t_apply))
-            per_example, parts = out[0], out[1]
-            new_aux_state = out[2] if len(out) > 2 else aux_state
-            joint_logits = tl if recipe.trains_teacher else None
-            return jnp.mean(per_example), ({"student": new_student_state, "aux": new_aux_state}, parts, logits,
-                                           joint_logits)
-
-        (loss, (new_model_state, parts, logits, joint_logits)), grads = jax.value_and_grad(
+        clock = {"stage_step": stage_step, "num_epochs": num_epochs,
+                 "epoch": stage_step // steps_per_epoch if steps_per_epoch else jnp.zeros((), jnp.int32),
+                 "stage_progress": (stage_step.astype(jnp.float32) / float(steps_per_epoch * num_epochs)
+                                    if steps_per_epoch and num_epochs else None)}
+        t_logits, t_feats, teacher_fn = _frozen_teacher(recipe, teacher, teacher_variables, batch, cached_teacher)
+        loss_fn = _loss_function(student, teacher, recipe, state, batch, t_logits, t_feats, teacher_fn,
+                                 dropout_rng, loss_rng, clock)
+        (loss, (new_model_state, out, logits, teacher_logits)), grads = jax.value_and_grad(
             loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        if recipe.trainable is not None:
-            params = _keep_frozen(trainable_mask(params, recipe.trainable), params, state.params)
-            new_model_state = _keep_frozen(state_mask(new_model_state, recipe.trainable), new_model_state,
+        if recipe.freezes_anything:
+            params = _keep_frozen(trainable_mask(params, recipe.trains), params, state.params)
+            new_model_state = _keep_frozen(state_mask(new_model_state, recipe.trains), new_model_state,
                                            state.model_state)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
-                   "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
-        metrics.update({k: jnp.mean(v) for k, v in parts.items()})
-        if t_logits is not None or joint_logits is not None:
-            tl = t_logits if t_logits is not None else joint_logits
-            metrics["teacher_accuracy"] = jnp.mean(jnp.argmax(tl, -1) == labels)
+        recipe_state = state.recipe_state
+        if out["recipe_state"] is not None:
+            recipe_state = {**recipe_state, recipe.name: jax.lax.stop_gradient(out["recipe_state"])}
+        metrics = _step_metrics(loss, grads, out, logits, t_logits if teacher_logits is None else teacher_logits,
+                                batch)
         if lr_schedule is not None:
             metrics["lr"] = lr_schedule(stage_step)
         if skip_nonfinite:
             finite = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"])
             keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
             params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
-            new_model_state = keep(new_model_state, state.model_state)
+            new_model_state, recipe_state = keep(new_model_state, state.model_state), keep(recipe_state,
+                                                                                            state.recipe_state)
             metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
         new_state = state.replace(step=state.step + 1, params=params, model_state=new_model_state,
-                                  opt_state=opt_state)
+                                  opt_state=opt_state, recipe_state=recipe_state)
         return new_state, metrics
 
     kwargs = {"donate_argnums": (0,)} if donate else {}
     if mesh is not None:
         rep, dat = replicated(mesh), data_sharding(mesh)
-        kwargs.update(in_shardings=(rep, rep, dat), out_shardings=(rep, rep))
+        st = rep if state_sharding is None else state_sharding
+        kwargs.update(in_shardings=(st, rep, dat), out_shardings=(st, rep))
     return jax.jit(step, **kwargs)
+
+
+def _frozen_teacher(recipe: Recipe, teacher, teacher_variables, batch, cached: bool):
+    """``(logits, features, teacher_apply)`` of the frozen teacher on the prepared batch (from the
+    cache's rows when ``cached``), or ``None``s for a recipe without one."""
+    if not recipe.uses_teacher:
+        return None, None, None
+    if cached:
+        return jax.lax.stop_gradient(batch["teacher_logits"]), None, None
+
+    def teacher_fn(inputs):
+        # No stop_gradient here: the teacher's variables are constants of the step (never
+        # differentiated), and methods need gradients w.r.t. the teacher's *inputs*
+        # (BSS's attack, gradient-based attention).
+        logits, feats, _ = teacher.apply(teacher_variables, inputs, train=False)
+        return logits, feats
+
+    t_logits, t_feats = jax.lax.stop_gradient(teacher_fn(batch["image"]))
+    return t_logits, t_feats, teacher_fn
+
+
+def _loss_function(student, teacher, recipe: Recipe, state: TrainState, batch, t_logits, t_feats, teacher_fn,
+                   dropout_rng, loss_rng, clock):
+    """``loss_fn(params) -> (objective, (new model state, {parts, batch_terms, recipe_state}, student logits,
+    joint teacher logits))``."""
+    x = batch["image"]
+
+    def loss_fn(params):
+        variables = {"params": params["student"], **state.model_state["student"]}
+        logits, feats, new_student_state = student.apply(variables, x, train=True, rng=dropout_rng)
+
+        def student_fn(inputs, update_state=False):
+            if not update_state:
+                out_logits, out_feats, _ = student.apply(variables, inputs, train=True, rng=dropout_rng)
+                return out_logits, out_feats
+            # continues from the main forward's batch statistics
+            return student.apply({"params": params["student"], **new_student_state}, inputs, train=True,
+                                 rng=dropout_rng)
+
+        aux_state, tl, tf, t_apply = state.model_state["aux"], t_logits, t_feats, teacher_fn
+        if recipe.trains_teacher:  # the jointly trained teacher: train mode, differentiated
+            t_vars = joint_teacher_variables(params["aux"], aux_state)
+            t_rng = jax.random.fold_in(dropout_rng, 1)
+            tl, tf, new_t_state = teacher.apply(t_vars, x, train=True, rng=t_rng)
+            aux_state = with_aux_state(aux_state, JOINT_TEACHER, new_t_state)
+
+            def t_apply(inputs):
+                out_logits, out_feats, _ = teacher.apply(t_vars, inputs, train=True, rng=t_rng)
+                return out_logits, out_feats
+
+        out = as_loss_output(recipe.loss(LossInputs(
+            student_logits=logits, student_features=feats, teacher_logits=tl, teacher_features=tf,
+            labels=batch.get("label"), step=state.step, aux_params=params["aux"], aux_state=aux_state, rng=loss_rng,
+            inputs=x, student_apply=student_fn, teacher_apply=t_apply, batch=batch,
+            recipe_state=state.recipe_state.get(recipe.name), **clock)))
+        objective = jnp.mean(out.per_example)
+        for term in out.batch_terms.values():
+            objective = objective + term
+        new_state = {"student": new_student_state if out.student_state is None else out.student_state,
+                     "aux": aux_state if out.aux_state is None else out.aux_state}
+        logged = {"parts": dict(out.parts), "batch_terms": dict(out.batch_terms), "recipe_state": out.recipe_state}
+        return objective, (new_state, logged, logits, tl if recipe.trains_teacher else None)
+
+    return loss_fn
+
+
+def _step_metrics(loss, grads, out, logits, teacher_logits, batch) -> dict:
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    labels = batch.get("label")
+    has_labels = labels is not None and labels.shape == logits.shape[:-1]
+    if has_labels:
+        metrics["accuracy"] = jnp.mean(jnp.argmax(logits, -1) == labels)
+    metrics.update({k: jnp.mean(v) for k, v in out["parts"].items()})
+    metrics.update({k: jnp.asarray(v) for k, v in out["batch_terms"].items()})
+    if teacher_logits is not None and has_labels and teacher_logits.shape[-2] == labels.shape[-1]:
+        # (several teachers, [N, B, C]: the mean over all of them)
+        metrics["teacher_accuracy"] = jnp.mean(jnp.argmax(teacher_logits, -1) == labels)
+    return metrics
 
 
 def make_eval_step(model: ModelFns, pipeline: InputPipeline, *, mesh: Mesh | None = None) -> Callable:
