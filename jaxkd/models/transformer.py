@@ -5,7 +5,10 @@ One module, two kinds of input:
 * **patch models** (``patch_size=(ph, pw)``) take float images ``(B, H, W, C)``, cut them into
   non-overlapping ``ph x pw`` patches (row-major: left to right, then top to bottom) and project
   each flattened patch linearly to ``dim``. ``H`` and ``W`` must be multiples of ``ph`` and ``pw``.
-  For 28x28 images: ``(7, 7)`` gives 16 tokens, ``(4, 4)`` 49, ``(1, 28)`` the 28 rows.
+  For 28x28 images: ``(7, 7)`` gives 16 tokens, ``(4, 4)`` 49, ``(1, 28)`` the 28 rows (an image
+  read as a sequence of row tokens). Float signals ``(B, L, C)`` (MNIST-1D: ``(B, 40, 1)``) are
+  read as images of width 1: ``patch_size=(p, 1)`` gives ``L / p`` tokens of ``p`` samples each.
+  Patch inputs have no padding (every ``token_mask`` entry is 1).
 * **token models** (``vocab_size=V``) take integer ids ``(B, L)`` with ``L <= max_len``. Ids equal
   to ``pad_id`` are padding: every query gives them (as keys) the additive score
   :data:`MASK_VALUE` before the softmax (a finite value, so an all-padding row stays finite), and
@@ -204,10 +207,12 @@ class Transformer(nn.Module):
         super().__post_init__()
 
     def _embed_patches(self, x: Array) -> tuple[Array, Array]:
-        if x.ndim != 4 or not jnp.issubdtype(x.dtype, jnp.floating):
+        if x.ndim not in (3, 4) or not jnp.issubdtype(x.dtype, jnp.floating):
             raise ValueError(
                 "this transformer is a patch model (patch_size set): it takes float images "
-                f"(B, H, W, C); got shape {tuple(x.shape)}, dtype {x.dtype}")
+                f"(B, H, W, C) or signals (B, L, C); got shape {tuple(x.shape)}, dtype {x.dtype}")
+        if x.ndim == 3:  # a signal (B, L, C) is an image of width 1
+            x = x[:, :, None, :]
         b, h, w, c = x.shape
         ph, pw = (int(p) for p in self.patch_size)  # type: ignore[union-attr]
         if h % ph or w % pw:
