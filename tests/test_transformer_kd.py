@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _configs import tiny_digits_config
 
 from jaxkd import models
 from jaxkd.core import LossInputs, build_recipe
@@ -23,8 +24,6 @@ from jaxkd.methods.transformer_kd import FIT_MODULE, tinybert_stages
 from jaxkd.train import checkpoint as ckpt_lib
 from jaxkd.train import step as step_lib
 from jaxkd.train.loop import train_and_evaluate
-
-from _configs import tiny_digits_config
 
 VOCAB, PAD = 20, 0
 
@@ -48,7 +47,7 @@ def random_variables(fns, x, seed):
     return jax.tree.map(lambda s: jnp.asarray(0.5 * rng.normal(size=s.shape), s.dtype), shapes)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tap_pair(s_shape=(2, 8, 2), t_shape=(4, 16, 2), pool="cls"):
     """Taps (float64 numpy and jnp) of a student and a teacher token model on padded ids."""
     ids = padded_ids()
@@ -193,7 +192,7 @@ def np_kl_rows(p_t, p_s, m):
 def np_relation(x, y, m, heads):
     """softmax over real keys of X_r Y_r^T / sqrt(d_r), relation heads from the concatenated width."""
     b, h, length, d = x.shape
-    split = lambda a: a.transpose(0, 2, 1, 3).reshape(b, length, h * d).reshape(  # noqa: E731
+    split = lambda a: a.transpose(0, 2, 1, 3).reshape(b, length, h * d).reshape(
         b, length, heads, h * d // heads).transpose(0, 2, 1, 3)
     xs, ys = split(x), split(y)
     logits = np.einsum("brid,brjd->brij", xs, ys) / np.sqrt(xs.shape[-1])
@@ -297,8 +296,8 @@ def test_tinybert_two_stages_end_to_end_projection_frozen_in_stage_two(tmp_path,
     assert not np.array_equal(fit1["kernel"], init["kernel"])  # trained in stage 1
     jax.tree.map(np.testing.assert_array_equal, fit1, fit2)  # frozen in stage 2, bit for bit
     assert not np.array_equal(end1["params"]["student"]["head"]["kernel"], end2["params"]["student"]["head"]["kernel"])
-    recs = [json.loads(ln) for ln in open(os.path.join(a, "metrics.jsonl"))]
-    train = [r for r in recs if "train/loss" in r]
+    with open(os.path.join(a, "metrics.jsonl")) as f:
+        train = [r for r in map(json.loads, f) if "train/loss" in r]
     assert any("train/tinybert_att" in r for r in train) and any("train/tinybert_pred" in r for r in train)
 
 
@@ -320,7 +319,8 @@ def test_minilm_end_to_end(tmp_path, row_teacher):
         {"name": "finetune", "num_epochs": 1, "method": {"name": "ce"}}]})
     summary = train_and_evaluate(cfg, str(tmp_path / "m"))
     assert summary["steps"] == 8 and summary["last_accuracy"] > 0.1
-    recs = [json.loads(ln) for ln in open(os.path.join(str(tmp_path / "m"), "metrics.jsonl"))]
+    with open(os.path.join(str(tmp_path / "m"), "metrics.jsonl")) as f:
+        recs = [json.loads(ln) for ln in f]
     assert any(r.get("train/minilm_at", 0) > 0 for r in recs)
 
 

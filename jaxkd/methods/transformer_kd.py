@@ -39,15 +39,25 @@ method ``ce`` (or ``hinton_kd``); ``gamma`` / ``alpha`` add CE / Hinton KD in th
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from jaxkd import losses
-from jaxkd.core import LossInputs, LossOutput, Recipe, make_weight_schedule, register_recipe
-from jaxkd.losses.transformer import MINILM_V2_RELATIONS, PREDICTION_MODES, TINYBERT_MODES
+from jaxkd.core import (
+    LossInputs,
+    LossOutput,
+    Recipe,
+    make_weight_schedule,
+    register_recipe,
+)
+from jaxkd.losses.transformer import (
+    MINILM_V2_RELATIONS,
+    PREDICTION_MODES,
+    TINYBERT_MODES,
+)
 from jaxkd.methods.common import ce_plus_kd
 
 __all__ = ["FIT_MODULE", "TINYBERT_STAGES", "minilm_recipe", "num_layers", "resolve_layer",
@@ -170,7 +180,7 @@ def tinybert_recipe(stage: str = "intermediate", layer_map: Sequence[int] | None
         g = pairs(s, t)
         mask = _mask(s)
         dense = fit(t["embeddings"].shape[-1])
-        project = lambda h: dense.apply({"params": inp.aux_params[FIT_MODULE]}, h)  # noqa: E731
+        project = lambda h: dense.apply({"params": inp.aux_params[FIT_MODULE]}, h)
         total, parts = ce_plus_kd(inp, gamma, 0.0, None)
         zero = jnp.zeros(inp.student_logits.shape[0], jnp.float32)
         att, rep = zero, zero
@@ -242,7 +252,7 @@ def minilm_recipe(version: str = "v1", student_layer: int = -1, teacher_layer: i
             parts["minilm_vr"] = losses.minilm_value_relation(s[f"layer{i}/v"], t[f"layer{j}/v"], mask)
             terms = parts["minilm_at"] + parts["minilm_vr"]
         else:
-            qkv = lambda f, n: tuple(f[f"layer{n}/{x}"] for x in "qkv")  # noqa: E731
+            qkv = lambda f, n: tuple(f[f"layer{n}/{x}"] for x in "qkv")
             parts["minilm_rel"] = losses.minilm_v2_relations(qkv(s, i), qkv(t, j), num_relation_heads, mask,
                                                              relations=relations)
             terms = parts["minilm_rel"]
