@@ -225,6 +225,20 @@ def test_patch_embedding_order_rows():
     assert feats["layer0/attn_scores"].shape == (2, 2, 5, 5)
 
 
+def test_signal_tokens_are_chunks_of_consecutive_samples():
+    """A float signal (B, L, C) with patch (p, 1): L / p tokens of p consecutive samples."""
+    fns = create_model("transformer", 3, num_layers=1, dim=8, num_heads=2, patch_size=(4, 1),
+                       pool="mean")
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(2, 12, 1)), jnp.float32)
+    variables = random_variables(fns, x, 0)
+    _, feats, _ = run(fns, variables, x)
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"])
+    chunks = np.asarray(x, np.float64).reshape(2, 3, 4)
+    want = chunks @ p["patch_embed"]["kernel"] + p["patch_embed"]["bias"] + p["pos_embed"]
+    np.testing.assert_allclose(feats["embeddings"], want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(feats["token_mask"], np.ones((2, 3)))
+
+
 @pytest.mark.parametrize("pool", ["cls", "mean"])
 def test_more_padding_leaves_logits_unchanged(pool):
     fns = tiny_tokens(pool)
