@@ -25,26 +25,26 @@ seeds="${SEEDS:-0,1,2}"
 fashion=experiments/configs/fashion_vit.py
 mnist1d=experiments/configs/mnist1d_transformer.py
 
-teacher() {  # config, work dir, epochs: the teacher once, on all training images, cross-entropy
+teacher() {  # config, work dir, epochs, patch: the teacher once, on all training images, cross-entropy
   if [ ! -f "$2/summary.json" ]; then
-    $jaxkd train --config "$1" --workdir "$2" model.name=vit_teacher method.name=ce \
-      train.num_epochs="$3" train.progress=False > /dev/null
+    $jaxkd train --config "$1" --workdir "$2" model.name=vit_teacher "model.kwargs={'patch_size': $4}" \
+      method.name=ce train.num_epochs="$3" train.progress=False > /dev/null
   fi
 }
 
 for part in $parts; do
   case $part in
     mnist1d_full | mnist1d_limited)
-      teacher $mnist1d "$out/mnist1d/teacher" 30
+      teacher $mnist1d "$out/mnist1d/teacher" 30 "(4, 1)"
       n=$([ $part = mnist1d_full ] && echo None || echo 1000)
       $jaxkd compare --config $mnist1d --workdir "$out/$part" --seeds "$seeds" --no-progress \
         --methods "$methods" teacher.workdir="$out/mnist1d/teacher" data.num_train_examples=$n ;;
     fashion_limited)
-      teacher $fashion "$out/fashion/teacher" 10
+      teacher $fashion "$out/fashion/teacher" 10 "(7, 7)"
       $jaxkd compare --config $fashion --workdir "$out/$part" --seeds "$seeds" --no-progress \
         --methods "$methods" teacher.workdir="$out/fashion/teacher" data.num_train_examples=5000 ;;
     fashion_full)
-      teacher $fashion "$out/fashion/teacher" 10
+      teacher $fashion "$out/fashion/teacher" 10 "(7, 7)"
       $jaxkd compare --config $fashion --workdir "$out/$part" --seeds "$seeds" --no-progress \
         --methods "$methods" teacher.workdir="$out/fashion/teacher" ;;
     *) echo "unknown part $part (mnist1d_full, mnist1d_limited, fashion_limited, fashion_full)" >&2; exit 2 ;;
