@@ -12,15 +12,17 @@
 #   bash experiments/transformer_study.sh                    # MNIST-1D full + limited, Fashion limited
 #   PARTS="fashion_full" bash experiments/transformer_study.sh   # Fashion-MNIST on all 60k images
 #
-# Cost on 2 quiet CPU cores, extrapolated from one loaded run of benchmarks/bench_transformer_kd.py
-# (batch 128, 17 tokens; steps scaled by 1/6.4, the share of the CPU that run had; MNIST-1D's 11
-# tokens taken as 0.6x): per batch of 128 about 0.16 s for a student CE step, 0.33 s KD, 0.5 s
-# TinyBERT, 0.6 s MiniLM, ~1 s a teacher train step. Then
-#   mnist1d_full ~45 min, mnist1d_limited ~11 min, their teacher ~9 min;
-#   fashion_limited ~30 min, the Fashion teacher (10 epochs on 60k images) ~75 min;
-#   fashion_full ~6 h (10 epochs on 60k images x 15 students).
-# The default parts (the first three, with both teachers) take about 3 h; fashion_full needs an accelerator
-# or a night. These are estimates with a factor-2 uncertainty (the timing ran under load).
+# Cost. Measured on the shared 2-core CPU under load (load average ~10, i.e. ~1/4.5 of the machine),
+# MNIST-1D, batch 128, from the difference of 2- and 6-epoch runs on 2,000 signals (compilation
+# and start-up cancel): a student CE step 0.39 s, a TinyBERT step (teacher forward inside) 2.0 s.
+# benchmarks/bench_transformer_kd.py (Fashion, 17 tokens) puts KD at ~0.7x and MiniLM at ~1.2x a
+# TinyBERT step, and the Fashion steps at ~1.6x the MNIST-1D ones. Divided by 4.5 for a quiet
+# machine, the estimates are:
+#   mnist1d_full ~60 min, mnist1d_limited ~15 min, the MNIST-1D teacher ~10 min;
+#   fashion_limited ~40 min, the Fashion teacher (10 epochs on 60k images) ~1.5 h;
+#   fashion_full ~8 h (10 epochs on 60k images x 15 students).
+# The default parts (the first three, with both teachers) take ~3.5 h on a quiet machine, 4-5x that
+# while other jobs share the CPU; fashion_full needs an accelerator or a night. Factor-2 estimates.
 set -euo pipefail
 out="${RUNS:-runs}/transformer"
 jaxkd="${JAXKD:-jaxkd}"
