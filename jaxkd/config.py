@@ -36,6 +36,9 @@ def base_config() -> ml_collections.ConfigDict:
         # subset_seed, class-stratified) as a validation set that picks the best checkpoint; 0 picks it
         # on eval_split, as the reference code (RepDistiller) does.
         val_fraction=0.0,
+        # > 1: each training epoch holds every example this many times (data.RepeatedSource; batches
+        # carry "copy"), e.g. once per teacher's soft labels for the relabel_data_kd method
+        copies=1,
     ))
     # model.init_from: a work dir whose best student initialises a fresh run (not a resume);
     # "{seed}" in it is replaced by config.seed.
@@ -56,7 +59,9 @@ def base_config() -> ml_collections.ConfigDict:
     # parameter (RepDistiller), or regexes of parameter paths ("student/fc/kernel") that decay.
     c.optim = ml_collections.ConfigDict(dict(
         name="sgd", lr=0.05, momentum=0.9, nesterov=False, weight_decay=5e-4, schedule="step",
-        milestones=(), decay=0.1, warmup_epochs=0.0, kwargs={}, clip_grad_norm=None, weight_decay_mask=None))
+        milestones=(), decay=0.1, warmup_epochs=0.0, kwargs={}, clip_grad_norm=None, weight_decay_mask=None,
+        # zero SGD's momentum at each milestone, as a PyTorch script that re-creates its optimizer there
+        reset_momentum_at_milestones=False))
     c.train = ml_collections.ConfigDict(dict(
         num_epochs=10, eval_every_epochs=1, checkpoint_every_steps=0, keep_checkpoints=3,
         max_inflight_steps=2, num_devices=None, progress=True, log_every_steps=50,
@@ -198,6 +203,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     vf = d.get("val_fraction", 0.0)
     _require(isinstance(vf, (int, float)) and not isinstance(vf, bool) and 0.0 <= vf < 1.0, "data.val_fraction",
              "must be a number in [0, 1) (0: pick the best checkpoint on data.eval_split)", vf)
+    copies = d.get("copies", 1)
+    _require(isinstance(copies, int) and not isinstance(copies, bool) and copies >= 1, "data.copies",
+             "must be an int >= 1", copies)
     _require(isinstance(t.num_epochs, int) and t.num_epochs > 0, "train.num_epochs", "must be a positive int",
              t.num_epochs)
     _require(isinstance(t.max_inflight_steps, int) and t.max_inflight_steps >= 1, "train.max_inflight_steps",
@@ -236,7 +244,8 @@ def upgrade_config(stored: dict, accepted_options=None) -> dict:
       every method are dropped where they still hold those defaults and the method does not take
       them (``accepted_options(name) -> set``, default: keep everything); Apprentice's
       ``kd_temperature`` is its ``temperature``.
-    * ``optim`` gains ``kwargs``, ``clip_grad_norm`` and ``weight_decay_mask`` (none of them set).
+    * ``optim`` gains ``kwargs``, ``clip_grad_norm``, ``weight_decay_mask`` and
+      ``reset_momentum_at_milestones`` (none of them set); ``data`` gains ``copies`` (1).
 
     Returns a new dict; the input is not changed.
     """
@@ -262,7 +271,10 @@ def upgrade_config(stored: dict, accepted_options=None) -> dict:
     for stage in cfg.get("stages") or ():
         if isinstance(stage, dict) and "method" in stage:
             stage["method"] = method(stage["method"])
+    if isinstance(cfg.get("data"), dict):
+        cfg["data"].setdefault("copies", 1)
     optim = cfg.setdefault("optim", {})
-    for key, default in (("kwargs", {}), ("clip_grad_norm", None), ("weight_decay_mask", None)):
+    for key, default in (("kwargs", {}), ("clip_grad_norm", None), ("weight_decay_mask", None),
+                         ("reset_momentum_at_milestones", False)):
         optim.setdefault(key, default)
     return cfg

@@ -46,7 +46,9 @@ class LossInputs:
     With ``update_state=True`` the student's call continues from the batch statistics of the
     main forward and also returns its new state, ``(logits, features, state)``; a recipe that
     wants those statistics kept returns the state as ``LossOutput.student_state``. Otherwise an
-    extra forward's statistics are discarded.
+    extra forward's statistics are discarded. ``student_state`` is the student's state after the
+    main forward (what the step keeps unless ``LossOutput.student_state`` replaces it), so a
+    recipe can keep an extra forward's statistics on some steps only (``jnp.where`` per leaf).
     """
 
     student_logits: Array
@@ -67,6 +69,7 @@ class LossInputs:
     teacher_apply: Callable | None = None
     batch: Mapping[str, Array] | None = None
     recipe_state: Any = None
+    student_state: Any = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -45,7 +45,7 @@ def test_bss_and_kd_runs_compile_each_step_once(tmp_path, digits_teacher, compil
     # the logged loss is the BSS objective with the paper's schedule over the run's 2 epochs:
     # clean + r_adv(epoch) * adversarial (r_adv is constant within an epoch)
     for rec in hist:
-        r_adv = float(bss_weights(rec["epoch"] - 1, 2)[1])
+        r_adv = float(bss_weights(rec["epoch"], 2)[1])  # epochs counted from 1, as the reference
         assert rec["train/loss"] == pytest.approx(rec["train/clean"] + r_adv * rec["train/adversarial"], rel=1e-5)
     # the attack really moves samples across the teacher's boundary (needs gradients w.r.t.
     # the teacher's input inside the step): most base samples reach their target class

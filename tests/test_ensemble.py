@@ -231,7 +231,7 @@ def test_meal_v2_end_to_end_trains_its_discriminator_and_the_student_like_label_
     train_and_evaluate(_twice_config(**{"teacher.workdir": teacher, "method": {"name": "label_refinery"}}), ref)
     wd = str(tmp_path / "meal")
     cfg = _twice_config(**{"teacher.workdir": [teacher, teacher], "train.checkpoint_every_steps": 1,
-                           "method": {"name": "meal_v2", "adv_weight": 0.0, "disc_lr": 1e-2}})
+                           "method": {"name": "meal_v2", "mode": "gan", "adv_weight": 0.0, "disc_lr": 1e-2}})
     train_and_evaluate(cfg, wd, stop_after_steps=1)
     d1 = jax.tree.map(np.array, ckpt_lib.load_run_state(wd)[1]["params"]["aux"]["discriminator"])
     train_and_evaluate(cfg, wd)

@@ -49,16 +49,22 @@ def np_at(f, mode, p):
 
 
 def np_at_reference_scalar(fs_list, ft_list, mode, p, beta):
-    """The reference's scalar loss (batch-level), written like the PyTorch code."""
+    """The reference's scalar loss (batch-level): code mode written like the PyTorch code; paper
+    mode as the paper states it, sum_j beta_j / 2 * sum_b ||d_b||_2 with
+    beta_j = beta / (B * H_j * W_j) ("10^3 divided by number of elements in attention map and
+    batch size for each layer"); "paper_unscaled" as jaxkd had it, beta / 2 * mean_b ||d_b||."""
     total = 0.0
     for fs, ft in zip(fs_list, ft_list):
         fs, ft = np_match(np.asarray(fs, np.float64), np.asarray(ft, np.float64))
         d = np_at(fs, mode, p) - np_at(ft, mode, p)
+        batch, hw = d.shape
         if mode == "code":
-            total += (d ** 2).mean()  # mean over B * H * W
+            total += beta * (d ** 2).mean()  # mean over B * H * W
+        elif mode == "paper":
+            total += beta / (batch * hw) / 2 * np.sqrt((d ** 2).sum(axis=1)).sum()
         else:
-            total += np.sqrt((d ** 2).sum(axis=1)).mean()
-    return total * (beta if mode == "code" else beta / 2)
+            total += beta / 2 * np.sqrt((d ** 2).sum(axis=1)).mean()
+    return total
 
 
 def np_at_per_example(fs_list, ft_list, mode, p, beta):
@@ -66,8 +72,11 @@ def np_at_per_example(fs_list, ft_list, mode, p, beta):
     for fs, ft in zip(fs_list, ft_list):
         fs, ft = np_match(np.asarray(fs, np.float64), np.asarray(ft, np.float64))
         d = np_at(fs, mode, p) - np_at(ft, mode, p)
-        out = out + ((d ** 2).mean(axis=1) if mode == "code" else np.sqrt((d ** 2).sum(axis=1)))
-    return out * (beta if mode == "code" else beta / 2)
+        if mode == "code":
+            out = out + beta * (d ** 2).mean(axis=1)
+        else:
+            out = out + beta / 2 * np.sqrt((d ** 2).sum(axis=1)) / (d.shape[1] if mode == "paper" else 1)
+    return out
 
 
 def np_fsp(a, b):
@@ -140,7 +149,7 @@ AT_SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("mode", ["code", "paper"])
+@pytest.mark.parametrize("mode", ["code", "paper", "paper_unscaled"])
 @pytest.mark.parametrize("shapes", AT_SHAPES)
 def test_attention_transfer_matches_numpy(mode, shapes):
     rng = np.random.default_rng([AT_SHAPES.index(shapes), mode == "code"])
@@ -180,14 +189,23 @@ def test_attention_map_zero_feature_uses_eps():
 def test_attention_transfer_hand_computed():
     s = jnp.array([[[[1.0], [0.0]], [[0.0], [0.0]]]])   # 1x2x2x1: a = [1, 0, 0, 0]
     t = jnp.array([[[[0.0], [0.0]], [[0.0], [2.0]]]])   # a = [0, 0, 0, 1]
-    # code: 1000 * mean([1, 0, 0, 1]) = 500; paper: 1000/2 * sqrt(2)
+    # code: 1000 * mean([1, 0, 0, 1]) = 500; paper: 1000/(2*2)/2 * sqrt(2) (4 map elements);
+    # paper_unscaled: 1000/2 * sqrt(2)
     np.testing.assert_allclose(losses.attention_transfer([s], [t]), [500.0], rtol=1e-6)
     np.testing.assert_allclose(losses.attention_transfer([s], [t], mode="paper"),
+                               [125.0 * np.sqrt(2.0)], rtol=1e-6)
+    np.testing.assert_allclose(losses.attention_transfer([s], [t], mode="paper_unscaled"),
                                [500.0 * np.sqrt(2.0)], rtol=1e-6)
     s2 = jnp.ones((1, 2, 2, 1))                          # a = [.5, .5, .5, .5]
     t2 = jnp.array([[[[2.0], [0.0]], [[0.0], [0.0]]]])  # a = [1, 0, 0, 0]
     np.testing.assert_allclose(losses.attention_transfer([s2], [t2]), [250.0], rtol=1e-6)
-    np.testing.assert_allclose(losses.attention_transfer([s2], [t2], mode="paper"), [500.0], rtol=1e-6)
+    np.testing.assert_allclose(losses.attention_transfer([s2], [t2], mode="paper"), [125.0], rtol=1e-6)
+    np.testing.assert_allclose(losses.attention_transfer([s2], [t2], mode="paper_unscaled"), [500.0], rtol=1e-6)
+    # the issue's example: one 8x8 pair at distance 1 weighs 1000/64/2 in paper mode
+    a8 = np.zeros((1, 8, 8, 1), np.float32); a8[0, 0, 0, 0] = 1.0
+    b8 = np.zeros((1, 8, 8, 1), np.float32); b8[0, 7, 7, 0] = 1.0
+    np.testing.assert_allclose(losses.attention_transfer([jnp.asarray(a8)], [jnp.asarray(b8)], mode="paper"),
+                               [1000.0 / 64 / 2 * np.sqrt(2.0)], rtol=1e-6)
     np.testing.assert_allclose(losses.attention_transfer([s2], [t2], beta=2.0), [0.5], rtol=1e-6)
     # two layer pairs are summed
     np.testing.assert_allclose(losses.attention_transfer([s, s2], [t, t2]), [750.0], rtol=1e-6)
@@ -212,7 +230,7 @@ def test_attention_transfer_pools_before_the_power():
                                [expected], rtol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["code", "paper"])
+@pytest.mark.parametrize("mode", ["code", "paper", "paper_unscaled"])
 def test_attention_transfer_gradient(mode):
     rng = np.random.default_rng(4)
     fs = _j([_rand(rng, 2, 4, 4, 3), _rand(rng, 2, 2, 2, 4)])
@@ -271,7 +289,7 @@ def test_attention_transfer_property(b, h, w, fh, fw, cs, ct, mode, student_larg
     assert got.shape == (b,) and np.all(got >= 0)
     np.testing.assert_allclose(got, np_at_per_example([fs], [ft], mode, 2, 1000.0), rtol=1e-4, atol=1e-4)
     # bounded: normalised maps are at distance <= 2 (code: mean of squares <= 4/(HW))
-    assert np.all(got <= (4000.0 if mode == "code" else 1000.0) + 1e-3)
+    assert np.all(got <= (4000.0 if mode == "code" else 1000.0 / (h * w)) + 1e-3)
 
 
 # ----------------------------------------------------------------------------- gradient-based AT
@@ -563,6 +581,7 @@ def test_teachers_get_no_gradient():
         "fitnets_hint": lambda s, t: losses.fitnets_hint(s[0], t[0]),
         "at code": lambda s, t: losses.attention_transfer(s, t, mode="code"),
         "at paper": lambda s, t: losses.attention_transfer(s, t, mode="paper"),
+        "at paper_unscaled": lambda s, t: losses.attention_transfer(s, t, mode="paper_unscaled"),
         "fsp": lambda s, t: losses.fsp_loss(s, t),
         "gradient at": lambda s, t: losses.gradient_attention_transfer(s[0], t[0]),
     }

@@ -45,7 +45,7 @@ def _setup(adv_weight=0.5):
     rng = np.random.default_rng(0)
     s = rng.normal(size=(6, 5)).astype(np.float32)
     t = 2 * rng.normal(size=(3, 6, 5)).astype(np.float32)
-    recipe = build_recipe({"name": "meal_v2", "adv_weight": adv_weight, "disc_hidden": (8, 8)})
+    recipe = build_recipe({"name": "meal_v2", "mode": "gan", "adv_weight": adv_weight, "disc_hidden": (8, 8)})
     aux = recipe.init_aux(jax.random.PRNGKey(1), {"logits": jnp.asarray(s)}, None)
     return s, t, recipe, aux["params"]
 
@@ -122,9 +122,11 @@ def test_each_player_gets_only_its_own_objective():
 
 
 def test_bad_options():
-    for opts, match in (({"adv_weight": -1.0}, "adv_weight"), ({"disc_lr": 0.0}, "disc_lr"),
-                        ({"disc_optimizer": "rmsprop"}, "disc_optimizer"), ({"disc_hidden": (8,)}, "disc_hidden")):
-        with pytest.raises(ValueError, match=match):
+    for opts, match in (({"adv_weight": -1.0}, "adv_weight"), ({"disc_lr": 0.0, "mode": "gan"}, "disc_lr"),
+                        ({"disc_optimizer": "rmsprop", "mode": "gan"}, "disc_optimizer"),
+                        ({"disc_hidden": (8,)}, "disc_hidden"), ({"mode": "paper"}, "mode"),
+                        ({"disc_lr": 1e-3}, "belong to mode='gan'")):
+        with pytest.raises(config_lib.ConfigError, match=match):
             build_recipe({"name": "meal_v2", **opts})
     assert OutputDiscriminator((4, 4)).init(jax.random.PRNGKey(0), jnp.zeros((2, 3)))["params"].keys() == {
         "Dense_0", "Dense_1", "Dense_2"}
@@ -155,7 +157,7 @@ def test_meal_v2_steps_train_the_discriminator_with_its_own_optimizer():
     t_vars = stack_variables([init(jax.random.PRNGKey(i), x) for i in range(2)])
     before = jax.tree.map(np.array, t_vars)
     ens = stacked_ensemble(cnn, 2)
-    recipe = build_recipe({"name": "meal_v2", "disc_lr": 1e-3})
+    recipe = build_recipe({"name": "meal_v2", "mode": "gan", "disc_lr": 1e-3})
     tx, _ = param_groups.make_optimizer({"name": "sgd", "lr": 0.1, "momentum": 0.9}, recipe.aux_optim, 10, 1)
     state = step_lib.create_train_state(jax.random.PRNGKey(0), student, recipe, tx, x, teacher=ens,
                                         teacher_variables=t_vars)
@@ -187,7 +189,7 @@ def test_meal_v2_run_from_pretrained_student(tmp_path, student):
     tc.data.num_train_examples = 128
     train_and_evaluate(tc, teacher)
     wd = str(tmp_path / "meal")
-    cfg = _config(**{"teacher.workdir": [teacher, teacher], "method": {"name": "meal_v2", "disc_lr": 1e-3},
+    cfg = _config(**{"teacher.workdir": [teacher, teacher], "method": {"name": "meal_v2", "mode": "gan", "disc_lr": 1e-3},
                      "model.init_from": student, "train.checkpoint_every_steps": 1})
     train_and_evaluate(cfg, wd, stop_after_steps=1)
     first = _state(wd)
@@ -236,3 +238,106 @@ def test_init_from_loads_exact_params_and_errors(tmp_path, student):
         setup_lib.init_student_from(_config(**{"model.init_from": str(tmp_path / "nowhere")}), state)
     with pytest.raises(config_lib.ConfigError, match="model.init_from"):
         train_and_evaluate(_config(**{"model.init_from": 3}), str(tmp_path / "bad"))
+
+
+# ---- mode="reference": the authors' train.py ----
+
+def _np_ref_disc(params, x):
+    for i in range(3):
+        layer = params[f"Dense_{i}"]
+        x = np.maximum(x @ np.asarray(layer["kernel"]) + np.asarray(layer["bias"]), 0.0)  # ReLU after every layer
+    return x
+
+
+def _np_ref_objective(s, t, d, adv_weight=1.0):
+    """train.py's loss written out: soft CE to the teachers' mean softmax, plus
+    BCEWithLogitsLoss(D(cat[s; mean_n t_n])) against cat[[1,0]*B; [0,1]*B], mean over all 4B outputs."""
+    pbar = _np_softmax(t).mean(0)
+    g = np.mean(-np.sum(pbar * np.log(_np_softmax(s)), -1))
+    inputs = np.concatenate([_np_ref_disc(d, s), _np_ref_disc(d, t.mean(0))], 0)
+    b = s.shape[0]
+    targets = np.concatenate([np.tile([1.0, 0.0], (b, 1)), np.tile([0.0, 1.0], (b, 1))], 0)
+    return g + adv_weight * np.mean(_np_bce(inputs, targets))
+
+
+def _ref_setup(hidden=(8, 8)):
+    rng = np.random.default_rng(5)
+    s = rng.normal(size=(6, 5)).astype(np.float32)
+    t = 2 * rng.normal(size=(3, 6, 5)).astype(np.float32)
+    recipe = build_recipe({"name": "meal_v2", "mode": "reference", "disc_hidden": hidden})
+    aux = recipe.init_aux(jax.random.PRNGKey(1), {"logits": jnp.asarray(s)}, None)["params"]
+    # positive biases keep every ReLU unit alive, so the gradients checked below are not all 0
+    aux = jax.tree.map(lambda a: a + 0.5 if a.ndim == 1 else a, aux)
+    return s, t, recipe, aux
+
+
+def test_meal_v2_reference_mode_is_the_default_and_matches_numpy():
+    assert build_recipe({"name": "meal_v2"}).aux_optim is None  # D in the student's optimizer
+    assert build_recipe({"name": "meal_v2", "mode": "gan"}).aux_optim["lr"] == 1e-4
+    s, t, recipe, aux = _ref_setup()
+    total, parts = recipe.loss(_inputs(s, t, aux))
+    d = jax.tree.map(np.asarray, aux["discriminator"])
+    assert set(d) == {"Dense_0", "Dense_1", "Dense_2"} and d["Dense_2"]["kernel"].shape == (8, 2)
+    np.testing.assert_allclose(np.mean(total), _np_ref_objective(s, t, d), rtol=1e-5)
+    np.testing.assert_allclose(np.mean(parts["disc"]), _np_ref_objective(s, t, d) - np.mean(parts["kd"]), rtol=1e-5)
+    assert "adv" not in parts and "ce" not in parts
+    # D sees logits, not probabilities: shifting the teachers' logits by a constant changes its loss
+    _, shifted = recipe.loss(_inputs(s, t + 3.0, aux))
+    np.testing.assert_allclose(shifted["kd"], parts["kd"], rtol=1e-5)
+    assert not np.allclose(shifted["disc"], parts["disc"])
+
+
+def test_meal_v2_reference_widths():
+    from jaxkd.methods.meal import reference_disc_widths
+    assert reference_disc_widths(1000) == (125, 15)  # the reference's 1000 -> 125 -> 15 -> 2
+    assert reference_disc_widths(100) == (12, 4) and reference_disc_widths(10) == (4, 4)
+    recipe = build_recipe({"name": "meal_v2"})
+    params = recipe.init_aux(jax.random.PRNGKey(0), {"logits": jnp.zeros((1, 1000))}, None)["params"]
+    shapes = [params["discriminator"][f"Dense_{i}"]["kernel"].shape for i in range(3)]
+    assert shapes == [(1000, 125), (125, 15), (15, 2)]
+
+
+def test_meal_v2_reference_both_players_descend_the_same_loss():
+    """The student's gradient is d(kd + disc)/ds (no detach, no fooling term) and D's is d(disc)/dD,
+    each against central differences of the numpy objective."""
+    s, t, recipe, aux = _ref_setup()
+
+    def total(student_logits, aux_params):
+        return jnp.mean(recipe.loss(_inputs(student_logits, t, aux_params))[0])
+
+    g_s, g_d = jax.grad(total, argnums=(0, 1))(jnp.asarray(s), aux)
+    s64, t64 = s.astype(np.float64), t.astype(np.float64)
+    d64 = jax.tree.map(lambda a: np.asarray(a, np.float64), aux["discriminator"])
+    want_s = _central_difference(lambda z: _np_ref_objective(z, t64, d64), s64)
+    np.testing.assert_allclose(g_s, want_s, rtol=2e-3, atol=1e-6)
+    kd_only = _central_difference(lambda z: _np_ref_objective(z, t64, d64, adv_weight=0.0), s64)
+    assert np.max(np.abs(np.asarray(g_s) - kd_only)) > 1e-4  # the D loss reaches the student
+    for layer in d64:
+        for name in d64[layer]:
+            def f(v, layer=layer, name=name):
+                return _np_ref_objective(s64, t64, {**d64, layer: {**d64[layer], name: v}})
+            want = _central_difference(f, d64[layer][name])
+            np.testing.assert_allclose(np.asarray(g_d["discriminator"][layer][name]), want, rtol=2e-3, atol=1e-6,
+                                       err_msg=f"{layer}/{name}")
+
+
+def test_meal_v2_reference_step_uses_the_student_optimizer():
+    from jaxkd.models import create_model
+    from jaxkd.models.ensemble import stack_variables, stacked_ensemble
+    from jaxkd.train import param_groups
+    from jaxkd.train import step as step_lib
+
+    cnn, student = create_model("cnn", 10, width=4, hidden=8), create_model("mlp", 10, hidden=(8,))
+    x = jnp.zeros((1, 8, 8, 1))
+    t_vars = stack_variables([jax.jit(cnn.init)(jax.random.PRNGKey(i), x) for i in range(2)])
+    recipe = build_recipe({"name": "meal_v2"})
+    tx, _ = param_groups.make_optimizer({"name": "sgd", "lr": 0.1, "momentum": 0.9}, recipe.aux_optim, 10, 1)
+    state = step_lib.create_train_state(jax.random.PRNGKey(0), student, recipe, tx, x, teacher=stacked_ensemble(cnn, 2),
+                                        teacher_variables=t_vars)
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]]
+    assert any("discriminator" in p for p in paths) and not any("mu" in p for p in paths)  # SGD trace, no Adam
+    step = step_lib.make_train_step(student, recipe, tx, step_lib.InputPipeline((0.0,), (1.0,)),
+                                    teacher=stacked_ensemble(cnn, 2))
+    batch = {"image": jax.random.uniform(jax.random.PRNGKey(2), (16, 8, 8, 1)), "label": jnp.arange(16) % 10}
+    state, metrics = step(state, t_vars, batch)
+    assert {"kd", "disc", "disc_accuracy"} <= set(metrics) and "adv" not in metrics

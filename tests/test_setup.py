@@ -118,12 +118,14 @@ def test_configs_stored_by_earlier_versions_load():
                                                       "temperature": 4.0, "alpha": 0.9, "gamma": 0.1, "mode": "kl"}},
                          {"num_epochs": 1, "method": {"name": "hinton_kd", "temperature": 4.0, "alpha": 0.9,
                                                       "gamma": 0.1, "mode": "kl"}}],
-              "optim": {"name": "sgd", "lr": 0.1}}
+              "optim": {"name": "sgd", "lr": 0.1}, "data": {"name": "digits"}}
     new = config_lib.upgrade_config(stored, lambda n: set(recipe_options(n)))
+    assert new["data"] == {"name": "digits", "copies": 1} and stored["data"] == {"name": "digits"}
     assert new["method"] == {"name": "ce"}
     assert new["stages"][0]["method"] == {"name": "apprentice", "temperature": 2.0}  # the renamed option
     assert new["stages"][1]["method"] == stored["stages"][1]["method"]  # hinton_kd takes them all
-    assert new["optim"] == {"name": "sgd", "lr": 0.1, "kwargs": {}, "clip_grad_norm": None, "weight_decay_mask": None}
+    assert new["optim"] == {"name": "sgd", "lr": 0.1, "kwargs": {}, "clip_grad_norm": None, "weight_decay_mask": None,
+                            "reset_momentum_at_milestones": False}
     assert stored["method"]["temperature"] == 4.0  # the input is not changed
     for m in (new["method"], *(s["method"] for s in new["stages"])):
         build_recipe(m)  # every upgraded method builds

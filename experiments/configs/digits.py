@@ -29,6 +29,10 @@ def get_config():
     # `jaxkd compare --methods kd,bss`: BSS with the paper's T=3 and schedules over the run
     c.presets = {
         "kd": {"method": {"name": "hinton_kd", "temperature": 4.0, "alpha": 0.9, "gamma": 0.1}},
-        "bss": {"method": {"name": "bss", "temperature": 3.0}},
+        # "bss": the options of the recorded runs (jaxkd's reading before issue 19); "bss_ref":
+        # the reference's epoch count, adversarial forward and BN update (the recipe's defaults)
+        "bss": {"method": {"name": "bss", "temperature": 3.0, "epoch_origin": 0, "adv_rows": "all",
+                           "adv_bn_update": False}},
+        "bss_ref": {"method": {"name": "bss", "temperature": 3.0}},
     }
     return c

@@ -5,8 +5,8 @@ from jaxkd.data.augment import default_augmentation, normalize, random_crop_flip
 from jaxkd.data.errors import DatasetNotFoundError
 # The pipeline needs tensorflow-datasets and grain; it is imported on first use so that the
 # on-device augmentation (used inside every train step) works without them.
-_PIPELINE_EXPORTS = ("ArraySource", "DatasetInfo", "EvalBatches", "LazySource", "Source", "TrainIterator",
-                     "default_data_dir", "eval_batches", "hold_out", "load_dataset", "steps_per_epoch",
+_PIPELINE_EXPORTS = ("ArraySource", "DatasetInfo", "EvalBatches", "LazySource", "RepeatedSource", "Source",
+                     "TrainIterator", "default_data_dir", "eval_batches", "hold_out", "load_dataset", "steps_per_epoch",
                      "subset_indices", "train_batches")
 
 
@@ -23,7 +23,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "ArraySource", "DatasetInfo", "DatasetNotFoundError", "EvalBatches", "LazySource", "Source",
+    "ArraySource", "DatasetInfo", "DatasetNotFoundError", "EvalBatches", "LazySource", "RepeatedSource", "Source",
     "TrainIterator", "augment", "default_augmentation", "default_data_dir", "eval_batches",
     "hold_out", "load_dataset", "normalize", "random_crop_flip", "steps_per_epoch", "subset_indices",
     "train_batches",

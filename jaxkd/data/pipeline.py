@@ -182,6 +182,46 @@ class LazySource(Source):
                           image_dtype=self.image_dtype, field_keys=self.field_keys)
 
 
+class RepeatedSource(Source):
+    """Every example of ``source`` ``copies`` times: position ``p`` is example ``p % M`` (``M =
+    len(source)``) in copy ``p // M``.
+
+    Its batches carry two more fields: ``copy`` (int32, ``[b]``) and ``copy_onehot`` (bool,
+    ``[b, copies]``, whose static width tells a recipe how many copies there are). Iterated by
+    :func:`train_batches`, an epoch is a permutation of all ``copies * M`` (example, copy) pairs:
+    every example ``copies`` times per epoch, the epoch ``copies`` times as long, shuffled, and
+    resumed exactly like any source. ``index`` is then the position in the repeated set
+    (``0 .. copies * M - 1``); ``id`` stays the example's id in its split. The relabelled-data
+    view of several teachers (``config.data.copies``, method ``relabel_data_kd``): copy ``n`` of
+    an example carries teacher ``n``'s soft labels.
+    """
+
+    def __init__(self, source: Source, copies: int):
+        if isinstance(copies, bool) or not isinstance(copies, (int, np.integer)) or copies < 1:
+            raise ValueError(f"copies must be an int >= 1; got {copies!r}")
+        if len(source) == 0:
+            raise ValueError("cannot repeat an empty source")
+        self.source, self.copies = source, int(copies)
+        labels = getattr(source, "labels", None)
+        if labels is not None:
+            self.labels = np.tile(np.asarray(labels), self.copies)
+
+    def __len__(self) -> int:
+        return self.copies * len(self.source)
+
+    def gather(self, indices) -> dict[str, np.ndarray]:
+        idx = _as_index_array(indices, len(self))
+        copy, example = np.divmod(idx, len(self.source))
+        out = self.source.gather(example)
+        clash = sorted({"copy", "copy_onehot"} & set(out))
+        if clash:
+            raise ValueError(f"the data set's fields {clash} clash with RepeatedSource's own")
+        return {**out, "copy": copy.astype(np.int32), "copy_onehot": np.eye(self.copies, dtype=bool)[copy]}
+
+    def subset(self, indices) -> Source:
+        raise NotImplementedError("subset the underlying source, then repeat it")
+
+
 def _get_records(data_source, record_indices: np.ndarray) -> list[Mapping[str, Any]]:
     keys = [int(i) for i in record_indices]
     getitems = getattr(data_source, "__getitems__", None)

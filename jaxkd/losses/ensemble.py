@@ -20,7 +20,7 @@ CONFIDENCE_KINDS: tuple[str, ...] = ("max_prob", "neg_entropy")
 Confidence = Literal["max_prob", "neg_entropy"]
 
 __all__ = ["CONFIDENCE_KINDS", "as_teacher_stack", "choose_teachers", "confidence_weights", "ensemble_kd",
-           "ensemble_soft_labels", "meal_v2_kd", "random_teacher_kd", "relabel_kd"]
+           "ensemble_soft_labels", "meal_v2_kd", "random_teacher_kd", "relabel_data_kd", "relabel_kd"]
 
 
 def as_teacher_stack(teacher_logits: chex.Array) -> chex.Array:
@@ -205,6 +205,41 @@ def relabel_kd(student_logits: chex.Array, teacher_logits: chex.Array, temperatu
     _check_student(student_logits, t)
     _check_temperature(temperature)
     return jnp.mean(_per_teacher_kl(student_logits, t, temperature), axis=0)
+
+
+def relabel_data_kd(student_logits: chex.Array, teacher_logits: chex.Array, copy: chex.Array,
+                    temperature: float = 4.0) -> chex.Array:
+    """Relabelled data, per example: ``T**2 KL(p_{n_i, i} || q_i)`` with ``n_i = copy[i]``.
+
+    The loss of one copy of the N-times expanded data set (:class:`jaxkd.data.RepeatedSource`):
+    row ``i`` is copy ``copy[i]`` of its example and carries that teacher's soft labels. Over an
+    epoch of the expanded set every (example, teacher) pair appears once, so the epoch's total is
+    :func:`relabel_kd`'s; what differs is that the copies meet the student in different
+    batches, steps and augmentations.
+
+    Args:
+      student_logits: ``[B, C]``.
+      teacher_logits: ``[N, B, C]`` (all teachers on the batch).
+      copy: ``[B]`` integer teacher index per row, in ``[0, N)`` (or a one-hot ``[B, N]`` bool /
+        float mask).
+      temperature: ``T > 0``.
+    """
+    t = as_teacher_stack(teacher_logits)
+    _check_student(student_logits, t)
+    _check_temperature(temperature)
+    copy = jnp.asarray(copy)
+    num_teachers, batch = t.shape[0], t.shape[1]
+    if copy.ndim == 2:
+        if copy.shape != (batch, num_teachers):
+            raise ValueError(f"copy as a one-hot mask must have shape [batch, num_teachers] = [{batch}, "
+                             f"{num_teachers}]; got {copy.shape} (config.data.copies must equal the number of teachers)")
+        select = copy.astype(jnp.float32).T  # [N, B]
+    elif copy.shape == (batch,) and jnp.issubdtype(copy.dtype, jnp.integer):
+        select = jax.nn.one_hot(copy, num_teachers, dtype=jnp.float32).T
+    else:
+        raise ValueError(f"copy must be [batch] integer teacher indices or a [batch, num_teachers] mask; got "
+                         f"shape {copy.shape}, dtype {copy.dtype}")
+    return jnp.sum(select * _per_teacher_kl(student_logits, t, temperature), axis=0)
 
 
 def meal_v2_kd(student_logits: chex.Array, teacher_logits: chex.Array) -> chex.Array:

@@ -30,8 +30,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
-ATMode = Literal["code", "paper"]
-AT_MODES: tuple[str, ...] = ("code", "paper")
+ATMode = Literal["code", "paper", "paper_unscaled"]
+AT_MODES: tuple[str, ...] = ("code", "paper", "paper_unscaled")
 AT_DEFAULT_BETA = 1000.0
 NORMALIZE_EPS = 1e-12
 
@@ -186,7 +186,7 @@ def attention_map(feature: chex.Array, mode: ATMode = "code", p: float = 2, layo
     * ``"code"`` (default): ``q = mean_c f^p`` (the authors' code and RepDistiller; ``p = 2``
       there, i.e. ``f**2``; note ``f**p`` is signed for odd integer ``p`` and NaN for
       non-integer ``p`` on negative values, as in the reference).
-    * ``"paper"``: ``q = sum_c |f|^p`` (the paper's ``F^p_sum``).
+    * ``"paper"`` (and ``"paper_unscaled"``): ``q = sum_c |f|^p`` (the paper's ``F^p_sum``).
 
     ``q`` is flattened over space (row-major ``H, W``) and L2-normalised per sample with
     ``q / max(||q||_2, 1e-12)`` (``torch.nn.functional.normalize`` semantics, as RepDistiller;
@@ -198,7 +198,7 @@ def attention_map(feature: chex.Array, mode: ATMode = "code", p: float = 2, layo
     Args:
       feature: ``(B, H, W, C)`` float (or ``(B, C, H, W)`` with ``layout="NCHW"``, or a token map
         ``(B, L, D)`` with ``layout="NLC"``: one attention value per position).
-      mode: ``"code"`` or ``"paper"``.
+      mode: ``"code"``, ``"paper"`` or ``"paper_unscaled"`` (the last two give the same map).
       p: positive exponent, default 2.
       layout: ``"NHWC"`` (default), ``"NCHW"`` or ``"NLC"``.
 
@@ -232,18 +232,26 @@ def attention_transfer(student_features: Sequence[chex.Array],
       mean over ``B*H*W`` per pair, summed over pairs and multiplied by ``beta`` -- with no
       ``/2`` (references.md: "beta=1000, code mode"; the authors' ``cifar.py`` adds
       ``opt.beta * sum(loss_groups)`` with ``--beta 1e3``).
-    * ``"paper"``: ``loss_i = beta/2 * sum_j ||a_s - a_t||_2`` with the non-squared L2 distance
-      per example and maps ``sum_c |f|^p``; ``beta`` defaults to 1000 (so the factor is 500).
+    * ``"paper"``: ``loss_i = sum_j beta_j/2 * ||a_s - a_t||_2`` with the non-squared L2
+      distance per example, maps ``sum_c |f|^p`` and the paper's per-layer weight
+      ``beta_j = beta / (H_j * W_j)`` (``H_j * W_j`` the number of elements of pair ``j``'s
+      attention map after pooling, ``L`` for token maps), ``beta`` defaulting to 1000. The
+      paper sets beta to "10^3 divided by number of elements in attention map and batch size
+      for each layer"; the step's batch mean supplies the division by the batch size. On 8x8
+      maps the factor is 1000/64/2 = 7.8.
+    * ``"paper_unscaled"``: jaxkd's earlier paper mode, ``loss_i = beta/2 * sum_j ||a_s - a_t||_2``
+      with no division by ``H_j * W_j`` (so ``H_j * W_j`` times the paper's weight: 500 against
+      7.8 on 8x8 maps). Kept so earlier runs can be reproduced.
 
     The gradient of the paper-mode distance at ``a_s == a_t`` is taken as 0.
 
     Args:
       student_features: sequence of ``(B, H_j, W_j, C_j)`` student maps.
       teacher_features: sequence of ``(B, H'_j, W'_j, C'_j)`` teacher maps (not differentiated).
-      mode: ``"code"`` (default) or ``"paper"``.
+      mode: ``"code"`` (default), ``"paper"`` or ``"paper_unscaled"``.
       p: exponent of the attention map, default 2.
-      beta: weight; ``None`` means 1000 (applied as ``beta`` in code mode, ``beta/2`` in paper
-        mode).
+      beta: weight; ``None`` means 1000 (applied as ``beta`` in code mode, ``beta/(2 H_j W_j)``
+        per layer in paper mode, ``beta/2`` in ``"paper_unscaled"`` mode).
       layout: of every map: ``"NHWC"`` (default), ``"NCHW"``, or ``"NLC"`` for transformer token
         maps ``(B, L, D)`` (attention over sequence positions; hidden sizes may differ).
 
@@ -263,6 +271,8 @@ def attention_transfer(student_features: Sequence[chex.Array],
         diff = attention_map(fs, mode, p) - attention_map(ft, mode, p)
         if mode == "code":
             term = jnp.mean(jnp.square(diff), axis=-1)
+        elif mode == "paper":
+            term = _safe_norm(diff) / diff.shape[-1]  # beta_j = beta / (H_j W_j)
         else:
             term = _safe_norm(diff)
         total = term if total is None else total + term

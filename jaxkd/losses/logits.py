@@ -107,8 +107,8 @@ def soft_cross_entropy(logits: chex.Array, target_probs: chex.Array, axis: int =
 
 
 def hinton_kd(student_logits: chex.Array, teacher_logits: chex.Array, temperature: float = 4.0,
-              mode: KDMode = "kl", axis: int = -1) -> chex.Array:
-    """Hinton et al. (2015) distillation loss, per example, scaled by ``T**2``.
+              mode: KDMode = "kl", axis: int = -1, t2: bool = True) -> chex.Array:
+    """Hinton et al. (2015) distillation loss, per example, scaled by ``T**2`` (``t2=True``).
 
     With ``p_t = softmax(t/T)`` and ``log p_s = log_softmax(s/T)`` over the class axis:
 
@@ -125,12 +125,18 @@ def hinton_kd(student_logits: chex.Array, teacher_logits: chex.Array, temperatur
 
     The teacher logits are not differentiated (``stop_gradient``).
 
+    ``t2=False`` leaves out the ``T**2`` factor (every mode above divided by ``T**2``): the
+    FitNets paper's KD stage (its ``lambda`` 4 -> 1 multiplies the soft cross-entropy as is; the
+    authors' ``KDCost.py`` has no ``T**2``) and BSS use the unscaled term. With ``T = 4`` the two
+    differ by a factor 16 in the loss and in its gradient.
+
     Args:
       student_logits: ``[..., C]`` float (classes on ``axis``; ``[B, C]``, or ``[B, L, C]`` per token).
       teacher_logits: the same shape.
       temperature: ``T > 0``.
       mode: one of ``"kl"``, ``"soft_ce"``, ``"legacy_mean"``.
       axis: the class axis.
+      t2: multiply by ``T**2`` (Hinton's gradient-magnitude correction; the default).
 
     Returns:
       the per-example loss: the logits' shape without the class axis.
@@ -161,7 +167,9 @@ def hinton_kd(student_logits: chex.Array, teacher_logits: chex.Array, temperatur
         per_example = jnp.sum(p_t * (log_p_t - log_p_s), axis=axis)
         if mode == "legacy_mean":
             per_example = per_example / student_logits.shape[axis]
-    return per_example * (temperature ** 2)
+    if not isinstance(t2, bool):
+        raise TypeError(f"t2 must be a bool; got {t2!r}")
+    return per_example * (temperature ** 2) if t2 else per_example
 
 
 # ----------------------------------------------------------------------------- modern logit KD

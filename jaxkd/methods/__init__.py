@@ -2,7 +2,8 @@
 
 Importing this package registers every built-in method (``ce``, ``hinton_kd``, ``fitnets``,
 ``fitnets_hint``, ``at``, ``fsp``, ``bss``, ``apprentice``, ``label_refinery``, ``ensemble_kd``,
-``random_teacher_kd``, ``relabel_kd``, ``meal_v2``, ``crd``, ``dkd``, ``dist``, ``hinton_kd_ls``, ``tinybert``, ``minilm``); :func:`build_recipe` then builds any
+``random_teacher_kd``, ``relabel_kd``, ``relabel_data_kd``, ``meal_v2``, ``crd``, ``dkd``, ``dist``,
+``hinton_kd_ls``, ``tinybert``, ``minilm``); :func:`build_recipe` then builds any
 registered one from ``config.method``. A method of your own registers the same way, with
 :func:`jaxkd.core.register_recipe`, from its own module or config file.
 """

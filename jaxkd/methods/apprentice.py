@@ -13,6 +13,13 @@ That is how we (and ``../shared/references.md``) read the paper's joint scheme;
 ``kd_to_teacher=True`` lets the distillation gradient flow into the teacher as well (the term
 then also pulls the teacher towards the student). The weights and the gradient routing are
 our reading of the paper; the PDF could not be re-checked from this environment.
+**Unverified** (issue 19): no code by the authors exists in the code, issue and web indexes
+searched (queries on the title, "Apprentice" with "joint training"/"scheme A", the loss terms);
+IntelLabs/distiller cites the paper but refuses a teacher-vs-labels loss
+(``NotImplementedError``), so it is not a reimplementation of Scheme A. The weights 1 / 0.5 /
+0.5 agree with a third-party reading note of the paper; whether the distillation gradient
+reaches the teacher, and at which temperature ``z_T`` enters, remain unverified, so the
+defaults stay as above.
 
 The teacher is ``config.teacher``, trained inside the same jitted step as the auxiliary
 module ``aux/teacher`` (``Recipe.trains_teacher``), from scratch or from the finished run in

@@ -70,7 +70,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxkd.core import Recipe, register_recipe
+from jaxkd.core import LossOutput, Recipe, register_recipe
 from jaxkd.losses.bss import BSSLossTerms, bss_loss, bss_weights  # noqa: F401  (the method's student loss)
 
 Array = jax.Array
@@ -115,6 +115,8 @@ class BSSOptions:
         (the range of the normalised inputs).
       max_base_samples: at most this many base samples (``k = min(max_base_samples, B)``).
       eps: the ``+eps`` in the step size ``eta * (f_b - f_t + eps)``.
+      require_student_correct: a base sample needs the student's argmax to equal the label
+        too (the reference code's ``condition2``); ``False``: the teacher's alone.
     """
 
     step_size: float = 0.3
@@ -123,6 +125,7 @@ class BSSOptions:
     clip_max: float = 2.5
     max_base_samples: int = 64
     eps: float = 1e-4
+    require_student_correct: bool = True
 
     def __post_init__(self) -> None:
         if not self.step_size > 0:
@@ -173,19 +176,23 @@ def _softmax32(logits: Array) -> Array:
 
 
 def select_base_samples(teacher_logits: Array, student_logits: Array, labels: Array,
-                        k: int) -> tuple[Array, Array, Array]:
+                        k: int, require_student_correct: bool = True) -> tuple[Array, Array, Array]:
     """Top-``k`` base samples over the whole batch.
 
     Returns ``(index [k] int32, valid [k] bool, score [B] float32)`` where
     ``score = sum_{c != label} (p_t - p_s)**2`` on qualifying samples (teacher argmax ==
-    student argmax == label) and ``-inf`` elsewhere. Ties (including the ``-inf`` rows) go to
-    the lower index.
+    student argmax == label, as ``attack_flag = condition1 & condition2`` in the reference's
+    ``train_BSS_distillation.py``; with ``require_student_correct=False`` only the teacher's
+    argmax must equal the label) and ``-inf`` elsewhere. Ties (including the ``-inf`` rows) go
+    to the lower index, so the valid rows come first.
     """
     p_t, p_s = _softmax32(teacher_logits), _softmax32(student_logits)
     num_classes = teacher_logits.shape[-1]
     not_label = 1.0 - jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
     score = jnp.sum(not_label * (p_t - p_s) ** 2, axis=-1)
-    qualifies = (jnp.argmax(teacher_logits, -1) == labels) & (jnp.argmax(student_logits, -1) == labels)
+    qualifies = jnp.argmax(teacher_logits, -1) == labels
+    if require_student_correct:
+        qualifies = qualifies & (jnp.argmax(student_logits, -1) == labels)
     score = jnp.where(qualifies, score, -jnp.inf)
     _, index = jax.lax.top_k(score, k)
     index = index.astype(jnp.int32)
@@ -252,7 +259,7 @@ def boundary_supporting_samples(teacher_apply: Callable[[Any, Array], Array], te
     if t_logits.shape != student_logits.shape:
         raise ValueError(f"teacher logits {t_logits.shape} and student_logits "
                          f"{student_logits.shape} differ in shape")
-    index, valid, _ = select_base_samples(t_logits, student_logits, labels, k)
+    index, valid, _ = select_base_samples(t_logits, student_logits, labels, k, opts.require_student_correct)
     rows_x = x[index]
     rows_logits = t_logits[index]
     base = jnp.argmax(rows_logits, axis=-1).astype(jnp.int32)
@@ -331,20 +338,76 @@ def bss_statistics(result: BSSResult) -> dict[str, Any]:
     }
 
 
+BSS_ADV_ROWS = ("attacked", "all")
+
+
+def adversarial_rows(valid_mask: Array) -> Array:
+    """``[k]`` int32: which of the ``k`` generator rows fills each slot of the student's
+    adversarial forward in ``adv_rows="attacked"`` mode.
+
+    Slot ``i`` holds the ``(i mod n)``-th valid row (``n`` the number of valid rows), so every
+    row of the forward is an attacked sample: the first ``n`` slots are the valid rows in order,
+    the rest repeat them cyclically. With no valid row it is ``arange(k)`` (the forward is then
+    unused)."""
+    valid_mask = jnp.asarray(valid_mask, jnp.bool_)
+    k = valid_mask.shape[0]
+    n = jnp.sum(valid_mask.astype(jnp.int32))
+    positions = jnp.nonzero(valid_mask, size=k, fill_value=0)[0].astype(jnp.int32)
+    slot = jnp.arange(k, dtype=jnp.int32)
+    return jnp.where(n > 0, positions[slot % jnp.maximum(n, 1)], slot)
+
+
 def bss_recipe(temperature: float = 3.0, num_epochs: int | None = None, step_size: float = 0.3, max_iters: int = 10,
-               max_base_samples: int = 64, clip_min: float = -2.5, clip_max: float = 2.5):
+               max_base_samples: int = 64, clip_min: float = -2.5, clip_max: float = 2.5,
+               require_student_correct: bool = True, epoch_origin: int = 1, adv_rows: str = "attacked",
+               adv_bn_update: bool = True):
     """BSS as a jaxkd recipe: the generator runs inside the jitted train step.
 
     Per step: the teacher's and student's clean logits select base samples, the
     ``while_loop`` generator attacks the teacher (same augmented view), the student runs on the
-    adversarial rows (train mode; their batch-stat updates are discarded) and the loss is
+    adversarial rows in train mode and the loss is
     ``CE + r softCE_T(clean) + r_adv softCE_T(adversarial)`` with the paper's schedules over
     ``num_epochs`` (default: the length of the stage, as the paper's 80 of 80). Metrics: ``bss_valid`` (base samples found),
     ``bss_target`` (fraction of them reaching the target class), ``bss_iters`` (mean
     iterations), as batch values.
+
+    Options against bhheo/BSS_distillation's ``train_BSS_distillation.py`` (defaults follow it):
+
+    * ``require_student_correct`` (True): a base sample is classified correctly by the teacher
+      *and* the student (its ``attack_flag = condition1 & condition2``); False: by the teacher.
+    * ``epoch_origin`` (1): the schedules ``r``, ``r_adv`` see ``epoch + epoch_origin``; the
+      reference counts epochs from 1 (``range(1, max_epoch + 1)``), so its first epoch has
+      ``r = 3.9625``, ``r_adv = 1.9667`` for 80 epochs. ``0`` is jaxkd's earlier 0-based count
+      (4 and 2).
+    * ``adv_rows``: which rows the student's adversarial forward holds. The reference forwards
+      only the attacked rows (``s_net(attacked_inputs)``, at most 64), so its train-mode
+      BatchNorm normalises them with their own statistics. Shapes are static under ``jit``, so
+      jaxkd always forwards ``k = min(max_base_samples, B)`` rows. ``"attacked"`` (default)
+      fills the slots of rows that did not qualify with copies of the attacked rows
+      (:func:`adversarial_rows`), so the batch statistics come from attacked samples only:
+      exactly the reference's when the number ``n`` of attacked rows divides ``k`` (e.g. all
+      ``k`` qualify, the usual case once the student is trained), else a mean over attacked
+      rows in which some appear once more than others. The loss counts each attacked row once.
+      ``"all"`` is jaxkd's earlier forward over the ``k`` generator rows, where the rows that did
+      not qualify (unchanged clean inputs) enter the statistics.
+    * ``adv_bn_update`` (True): keep the running statistics of that forward (the reference's
+      second train-mode forward updates them, after the clean one), when it ran: on steps with
+      ``n = 0`` or ``r_adv = 0`` the reference skips it and so does the update here.
+      ``False``: discard them (jaxkd's earlier behaviour).
+
+    The reference also re-creates its SGD optimizer at the two learning-rate drops, which resets
+    the momentum: ``config.optim.reset_momentum_at_milestones = True`` (see
+    :mod:`jaxkd.train.optim`).
     """
+    if adv_rows not in BSS_ADV_ROWS:
+        raise ValueError(f"adv_rows must be one of {BSS_ADV_ROWS}; got {adv_rows!r}")
+    for name, flag in (("require_student_correct", require_student_correct), ("adv_bn_update", adv_bn_update)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name} must be True or False; got {flag!r}")
+    if isinstance(epoch_origin, bool) or epoch_origin not in (0, 1):
+        raise ValueError(f"epoch_origin must be 0 or 1; got {epoch_origin!r}")
     options = BSSOptions(step_size=step_size, max_iters=max_iters, clip_min=clip_min, clip_max=clip_max,
-                         max_base_samples=max_base_samples)
+                         max_base_samples=max_base_samples, require_student_correct=require_student_correct)
 
     def teacher_logits_fn(teacher_apply, _, x):
         return teacher_apply(x)[0]
@@ -353,10 +416,23 @@ def bss_recipe(temperature: float = 3.0, num_epochs: int | None = None, step_siz
         result = boundary_supporting_samples(
             functools.partial(teacher_logits_fn, inp.teacher_apply), None, inp.inputs, inp.labels,
             jax.lax.stop_gradient(inp.student_logits), inp.rng, options)
-        student_adv_logits, _ = inp.student_apply(result.x_adv)
+        if adv_rows == "attacked":
+            rows = adversarial_rows(result.valid_mask)
+            x_adv, t_adv = result.x_adv[rows], result.teacher_logits[rows]
+        else:
+            x_adv, t_adv = result.x_adv, result.teacher_logits
+        # the loss counts each valid row once: the first n slots ("attacked") or the valid rows ("all")
+        mask = result.valid_mask
+        if adv_bn_update:
+            student_adv_logits, _, adv_state = inp.student_apply(x_adv, update_state=True)
+        else:
+            student_adv_logits, _ = inp.student_apply(x_adv)
+        if adv_rows == "attacked":
+            n = jnp.sum(mask.astype(jnp.int32))
+            mask = jnp.arange(mask.shape[0]) < n
+        epochs = num_epochs or inp.num_epochs or 80
         terms = bss_loss(inp.student_logits, inp.teacher_logits, inp.labels, student_adv_logits,
-                         result.teacher_logits, result.valid_mask, inp.epoch,
-                         num_epochs or inp.num_epochs or 80, temperature)
+                         t_adv, mask, inp.epoch + epoch_origin, epochs, temperature)
         valid = result.valid_mask.astype(jnp.float32)
         n_valid = jnp.maximum(jnp.sum(valid), 1.0)
         per_example = terms.clean + terms.r_adv * terms.adversarial_mean
@@ -364,7 +440,12 @@ def bss_recipe(temperature: float = 3.0, num_epochs: int | None = None, step_siz
                  "bss_valid": jnp.sum(valid),
                  "bss_target": jnp.sum(valid * (result.stop_reason == STOP_TARGET)) / n_valid,
                  "bss_iters": jnp.sum(valid * result.iterations) / n_valid}
-        return per_example, parts
+        student_state = None
+        if adv_bn_update:
+            ran = (jnp.sum(valid) > 0) & (terms.r_adv > 0)
+            student_state = adv_state if inp.student_state is None else jax.tree.map(
+                lambda new, old: jnp.where(ran, new, old), adv_state, inp.student_state)
+        return LossOutput(per_example=per_example, parts=parts, student_state=student_state)
 
     return Recipe(name="bss", loss=loss, uses_teacher=True)
 

@@ -12,7 +12,11 @@ logits are ``[N, B, C]`` (:mod:`jaxkd.models.ensemble`). A single teacher works 
   (``per="batch"``) learns from one teacher drawn from the step's loss RNG (reproducible).
 * ``relabel_kd`` (c): every teacher's soft labels as a separate target for the same example,
   i.e. the data set expanded N times, computed in one step (:func:`jaxkd.losses.relabel_kd`
-  says what that changes).
+  says what that changes). Its gradient is uniform averaging's (``ensemble_kd``).
+* ``relabel_data_kd`` (c, as data): the data set itself expanded N times
+  (``config.data.copies = N``, :class:`jaxkd.data.RepeatedSource`): each epoch holds every
+  example N times, copy ``n`` carrying teacher ``n``'s soft labels, shuffled, so an epoch is N
+  times as long and the copies meet the student in different batches and augmentations.
 
 The losses are the pure functions of :mod:`jaxkd.losses.ensemble`.
 """
@@ -25,7 +29,7 @@ from jaxkd import losses
 from jaxkd.core import LossInputs, Recipe, register_recipe
 from jaxkd.methods.common import ce_plus_kd
 
-__all__ = ["ensemble_kd_recipe", "random_teacher_kd_recipe", "relabel_kd_recipe"]
+__all__ = ["ensemble_kd_recipe", "random_teacher_kd_recipe", "relabel_data_kd_recipe", "relabel_kd_recipe"]
 
 
 def _with_ce(name: str, kd_fn, temperature: float, alpha: Any, gamma: Any) -> Recipe:
@@ -85,6 +89,25 @@ def relabel_kd_recipe(temperature: float = 4.0, alpha: Any = 0.9, gamma: Any = 0
                     temperature, alpha, gamma)
 
 
+def relabel_data_kd_recipe(temperature: float = 4.0, alpha: Any = 0.9, gamma: Any = 0.1) -> Recipe:
+    """(c) on the expanded data set: ``gamma CE + alpha T^2 KL(p_{copy} || q)``, the teacher of
+    each row picked by the batch's ``copy`` field. Needs ``config.data.copies`` equal to the
+    number of teachers (checked when the step is traced)."""
+    def kd(inp: LossInputs):
+        batch = inp.batch or {}
+        if "copy_onehot" not in batch:
+            raise ValueError("relabel_data_kd needs batches with a 'copy' field: set config.data.copies to the "
+                             "number of teachers")
+        t = losses.as_teacher_stack(inp.teacher_logits)
+        if batch["copy_onehot"].shape[-1] != t.shape[0]:
+            raise ValueError(f"relabel_data_kd: config.data.copies={batch['copy_onehot'].shape[-1]} but there are "
+                             f"{t.shape[0]} teachers; they must be equal")
+        return losses.relabel_data_kd(inp.student_logits, t, batch["copy_onehot"], temperature)
+
+    return _with_ce("relabel_data_kd", kd, temperature, alpha, gamma)
+
+
 register_recipe("ensemble_kd", ensemble_kd_recipe)
 register_recipe("random_teacher_kd", random_teacher_kd_recipe)
 register_recipe("relabel_kd", relabel_kd_recipe)
+register_recipe("relabel_data_kd", relabel_data_kd_recipe)

@@ -86,7 +86,8 @@ def attention_recipe(student_layers: Sequence[str] = DEFAULT_LAYERS, teacher_lay
                      alpha: Any = 0.0, temperature: float = 4.0, gradient_beta: float = 0.0,
                      gradient_p: float = 1.0, layout: str = "NHWC") -> Recipe:
     """Attention transfer: ``gamma CE + alpha KD + AT`` (beta inside AT; default 1000, "code"
-    mode as RepDistiller and the authors' code; ``mode="paper"`` for the paper's form).
+    mode as RepDistiller and the authors' code; ``mode="paper"`` for the paper's form with its
+    per-layer weight ``beta / (H_j W_j)``, ``"paper_unscaled"`` for jaxkd's earlier paper mode).
 
     ``gradient_beta > 0`` adds gradient-based attention transfer: the attention maps of the
     student's and the teacher's cross-entropy gradients w.r.t. the (augmented) input, computed

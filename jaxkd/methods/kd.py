@@ -23,13 +23,17 @@ def cross_entropy_recipe(label_smoothing: float = 0.0) -> Recipe:
     return Recipe(name="ce", loss=loss)
 
 
-def hinton_kd_recipe(temperature: float = 4.0, alpha: Any = 0.9, gamma: Any = 0.1, mode: str = "kl") -> Recipe:
-    """``gamma * CE(y, s) + alpha * hinton_kd(s, t; T, mode)``.
+def hinton_kd_recipe(temperature: float = 4.0, alpha: Any = 0.9, gamma: Any = 0.1, mode: str = "kl",
+                     t2: bool = True) -> Recipe:
+    """``gamma * CE(y, s) + alpha * hinton_kd(s, t; T, mode, t2)``.
 
     RepDistiller's CIFAR runs use gamma=0.1, alpha=0.9, T=4 (the defaults). Hinton's
     ``(1 - alpha) * CE + alpha * KD`` form is gamma = 1 - alpha. ``alpha``/``gamma`` may
-    be schedules (:func:`~jaxkd.core.make_weight_schedule`).
+    be schedules (:func:`~jaxkd.core.make_weight_schedule`). ``t2=False`` drops the ``T**2``
+    factor of the KD term (the FitNets paper's stage 2: ``alpha`` 4 -> 1 on the unscaled term).
     """
+    if not isinstance(t2, bool):
+        raise ValueError(f"t2 must be True or False; got {t2!r}")
     if mode not in losses.KD_MODES:
         raise ValueError(f"unknown hinton_kd mode {mode!r}; expected one of {losses.KD_MODES}")
     _check_temperature(temperature)
@@ -37,7 +41,8 @@ def hinton_kd_recipe(temperature: float = 4.0, alpha: Any = 0.9, gamma: Any = 0.
 
     def loss(inp: LossInputs):
         return ce_plus_kd(inp, gamma, alpha,
-                          lambda i: losses.hinton_kd(i.student_logits, i.teacher_logits, temperature, mode))
+                          lambda i: losses.hinton_kd(i.student_logits, i.teacher_logits, temperature, mode,
+                                                           t2=t2))
 
     return Recipe(name="hinton_kd", loss=loss, uses_teacher=True, teacher_logits_only=True,
                   teacher_temperature=float(temperature))

@@ -13,7 +13,12 @@ input away from the refinery's own top-1 prediction (no hard label is used), com
 the jitted step through ``LossInputs.teacher_apply``; refinery and student then both see the
 jittered input. ``eps`` is in the units of the normalised input. (Our reading of the paper's
 "adversarial jittering"; its exact recipe, e.g. which examples are jittered, was not
-re-checked here.)
+re-checked here.) **Unverified** (issue 19): the authors' code (hessamb/label-refinery, its
+only branch) has no adversarial jittering at all, and no other implementation was found in the
+code, issue and web indexes searched, so jittering stays off by default (``adversarial_eps =
+0``) and every detail of it here is jaxkd's own. Known difference from that code: its refinery
+is a registered submodule put in train mode with the student (``model.train()``), so its
+BatchNorm normalises with batch statistics; jaxkd runs the refinery in inference mode.
 """
 
 from __future__ import annotations

@@ -19,6 +19,12 @@ optimizer), ``clip_grad_norm`` and ``weight_decay_mask``.
 else a list of regular expressions, and only parameters whose path (``"student/fc/kernel"``,
 ``"aux/regressor/conv/kernel"``) matches one of them decay, e.g. ``[".*kernel$"]``.
 
+``reset_momentum_at_milestones`` (``sgd`` with the ``step`` schedule only): the momentum buffer is
+zeroed at every milestone, on the first update at the new learning rate, as when a PyTorch script
+re-creates its ``SGD`` at each learning-rate drop (bhheo/BSS_distillation, szagoruyko's
+attention-transfer). PyTorch's first step after that sets the buffer to the gradient, which is what
+a zeroed optax ``trace`` gives. Off by default.
+
 The configs jaxkd shipped before these options (``sgd``/``adam``/``adamw`` without clipping or a
 mask) build exactly the transformations they built then (tested against recorded updates).
 """
@@ -28,9 +34,10 @@ from __future__ import annotations
 import difflib
 import inspect
 import re
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from jaxkd.errors import ConfigError
@@ -109,13 +116,28 @@ def make_optimizer(optim: Mapping[str, Any], steps_per_epoch: int, num_epochs: i
     kwargs = dict(optim.get("kwargs") or {})
     mask = decay_mask(optim.get("weight_decay_mask"))
     coupled_decay = [optax.add_decayed_weights(wd, mask)] if wd else []
+    reset = optim.get("reset_momentum_at_milestones", False)
+    if not isinstance(reset, bool):
+        raise ConfigError(f"config.optim.reset_momentum_at_milestones must be True or False; got {reset!r}")
+    if reset and (name != "sgd" or optim.get("schedule", "constant") != "step"):
+        raise ConfigError("config.optim.reset_momentum_at_milestones needs optim.name='sgd' and optim.schedule='step' "
+                          f"(it resets SGD's momentum at the milestones); got name={name!r}, "
+                          f"schedule={optim.get('schedule', 'constant')!r}")
     if name == "sgd":
         momentum = optim.get("momentum", 0.9)
         if not (isinstance(momentum, (int, float)) and 0 <= momentum < 1):
             raise ConfigError(f"config.optim.momentum must be in [0, 1); got {momentum!r}")
-        main = coupled_decay + [_call("sgd", optax.sgd, schedule, {"momentum": float(momentum) or None,
-                                                                    "nesterov": bool(optim.get("nesterov", False)),
-                                                                    **kwargs})]
+        if reset and momentum:
+            if kwargs:
+                raise ConfigError("config.optim.kwargs: not supported with reset_momentum_at_milestones")
+            steps = [int(e) * steps_per_epoch for e in optim.get("milestones", ())]
+            main = coupled_decay + [reset_at_steps(optax.trace(float(momentum), bool(optim.get("nesterov", False))),
+                                                   steps),
+                                    optax.scale_by_learning_rate(schedule)]
+        else:
+            main = coupled_decay + [_call("sgd", optax.sgd, schedule, {"momentum": float(momentum) or None,
+                                                                        "nesterov": bool(optim.get("nesterov", False)),
+                                                                        **kwargs})]
     elif name == "adam":
         main = coupled_decay + [_call("adam", optax.adam, schedule, kwargs)]
     elif name == "adamw":
@@ -147,3 +169,31 @@ def _call(name: str, fn, schedule, kwargs: dict):
         raise ConfigError(f"config.optim.kwargs: optax.{name} takes no argument(s) {unknown}; it takes "
                           f"{', '.join(a for a in accepted if a != 'learning_rate')}")
     return fn(learning_rate=schedule, **kwargs)
+
+
+class ResetState(NamedTuple):
+    """State of :func:`reset_at_steps`: the update count and the wrapped transformation's state."""
+    count: jax.Array
+    inner: Any
+
+
+def reset_at_steps(inner: optax.GradientTransformation, steps: Sequence[int]) -> optax.GradientTransformation:
+    """``inner`` whose state is re-initialised (``inner.init``) just before the updates whose
+    0-based count is in ``steps``: e.g. a momentum ``trace`` zeroed at the learning-rate drops,
+    like re-creating a PyTorch optimizer there. Only for transformations whose state carries no
+    count of its own that must survive (a ``trace``, not a schedule)."""
+    steps = tuple(sorted({int(s) for s in steps if int(s) > 0}))
+
+    def init(params):
+        return ResetState(count=jnp.zeros([], jnp.int32), inner=inner.init(params))
+
+    def update(updates, state, params=None):
+        inner_state = state.inner
+        if steps:
+            reset = jnp.any(state.count == jnp.asarray(steps, jnp.int32))
+            fresh = inner.init(params if params is not None else updates)
+            inner_state = jax.tree.map(lambda f, old: jnp.where(reset, f, old), fresh, inner_state)
+        updates, inner_state = inner.update(updates, inner_state, params)
+        return updates, ResetState(count=optax.safe_int32_increment(state.count), inner=inner_state)
+
+    return optax.GradientTransformation(init, update)

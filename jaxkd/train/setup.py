@@ -393,6 +393,11 @@ def build_run(config: ml_collections.ConfigDict, mesh) -> RunSetup:
     """Builds everything :func:`jaxkd.train.loop.train_and_evaluate` runs (see :class:`RunSetup`)."""
     data = build_data(config)
     d = config.data
+    copies = d.get("copies", 1)
+    if copies > 1:  # every example `copies` times per epoch (the relabelled-data view of several teachers)
+        if config.teacher.get("cache"):
+            raise ConfigError("config.data.copies > 1 cannot train from a teacher cache (teacher.cache)")
+        data = dataclasses.replace(data, train=data_lib.RepeatedSource(data.train, copies))
     steps_per_epoch = data_lib.steps_per_epoch(len(data.train), d.batch_size)
     if steps_per_epoch < 1:
         raise ConfigError(f"config.data.batch_size={d.batch_size} is larger than the training set "

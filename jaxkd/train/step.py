@@ -372,7 +372,7 @@ def _loss_function(student, teacher, recipe: Recipe, state: TrainState, batch, t
             student_logits=logits, student_features=feats, teacher_logits=tl, teacher_features=tf,
             labels=batch.get("label"), step=state.step, aux_params=params["aux"], aux_state=aux_state, rng=loss_rng,
             inputs=x, student_apply=student_fn, teacher_apply=t_apply, batch=batch,
-            recipe_state=state.recipe_state.get(recipe.name), **clock)))
+            recipe_state=state.recipe_state.get(recipe.name), student_state=new_student_state, **clock)))
         objective = jnp.mean(out.per_example)
         for term in out.batch_terms.values():
             objective = objective + term

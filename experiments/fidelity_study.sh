@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Issue 19's reruns (docs/experiments.md): Fashion-MNIST, resnet20 -> resnet8, 3,000 training
+# images, 3 seeds: two-stage FitNets with and without T^2, attention transfer in code / paper /
+# earlier paper mode, MEAL V2 in the reference and GAN modes (+ CE fine-tuning control), and the
+# relabelled data set of three teachers against uniform averaging (same epochs, same steps).
+#   RUNS=/work/runs bash experiments/fidelity_study.sh   # ~6 h on 2 CPU cores; needs the IDX files
+# (estimated from the feature and modern studies' ~5 min per 10-epoch student, not measured: three
+# teachers ~45 min; the three-teacher presets run three teacher forwards a step, ens_relabel_data
+# and ens_avg_long three times the steps). METHODS=a,b runs a subset (the baseline always runs).
+set -euo pipefail
+export JAXKD_FIDELITY_DIR="${RUNS:-runs}/fashion_fidelity"
+out="$JAXKD_FIDELITY_DIR"
+jaxkd="${JAXKD:-jaxkd}"
+cfg=experiments/configs/fashion_fidelity.py
+for k in 0 1 2; do  # the teachers: resnet20, seeds 0-2, cross-entropy, 3 epochs on all 60k images
+  if [ ! -f "$out/teachers/seed$k/summary.json" ]; then
+    $jaxkd train --config $cfg --workdir "$out/teachers/seed$k" model.name=resnet20 "model.kwargs={}" \
+      method.name=ce seed=$k train.num_epochs=3 train.progress=False > /dev/null
+  fi
+done
+# single-teacher presets distil from teacher seed 0; the multi-teacher ones name all three
+# (config.teachers); MEAL V2 and ft_ce fine-tune this comparison's baseline students, which
+# compare trains first
+all=kd,fitnets_two_stage,fitnets_two_stage_no_t2,at,at_paper,at_paper_unscaled
+all=$all,meal_v2_ref,meal_v2_gan,ft_ce,ens_avg,ens_relabel_data,ens_avg_long
+JAXKD_FIDELITY_COMPARE_DIR="$out/n3000" $jaxkd compare --config $cfg --workdir "$out/n3000" --seeds 0,1,2 \
+  --no-progress --methods "${METHODS:-$all}" teacher.workdir="$out/teachers/seed0" data.num_train_examples=3000
+cat "$out/n3000/results.md"
