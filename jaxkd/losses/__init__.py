@@ -18,6 +18,11 @@ from jaxkd.losses.ensemble import *  # noqa: F401,F403  (multi-teacher losses)
 
 __all__ += list(_ensemble.__all__)
 
+from jaxkd.losses import transformer as _transformer
+from jaxkd.losses.transformer import *  # noqa: F401,F403  (TinyBERT, MiniLM attention losses)
+
+__all__ += list(_transformer.__all__)
+
 from jaxkd.losses import bss as _bss
 from jaxkd.losses.bss import *  # noqa: F401,F403  (BSS's student loss and schedules)
 

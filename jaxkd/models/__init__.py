@@ -10,7 +10,8 @@
 All models are Flax Linen, NHWC, float32 by default (``dtype=`` sets the computation dtype,
 parameters stay float32, logits come back float32). Layouts and their sources are in the
 docstrings of :mod:`~jaxkd.models.resnet` (RepDistiller CIFAR ResNets),
-:mod:`~jaxkd.models.wrn` (RepDistiller WRNs) and :mod:`~jaxkd.models.small` (CNN, MLP).
+:mod:`~jaxkd.models.wrn` (RepDistiller WRNs), :mod:`~jaxkd.models.small` (CNN, MLP) and
+:mod:`~jaxkd.models.transformer` (ViT / BERT-style encoder).
 
 Feature taps (``features`` returned by ``apply``); shapes for a 32x32 input to the CIFAR
 models, a 28x28x1 input to ``cnn`` (``w = width``):
@@ -36,10 +37,31 @@ the others its ``preact=False`` list ``[f0, f1, f2, f3, f4]`` by position. In a
 pre-activation WRN a stage's output is the un-normalised residual stream, and "pre-activation"
 means the next layer's BN output before its ReLU (see :mod:`~jaxkd.models.wrn`).
 
+Transformer taps (:mod:`~jaxkd.models.transformer`; ``L`` tokens = patches or ids, plus one
+for [CLS] when ``pool="cls"``; ``h`` heads of size ``d_h = D / h``; blocks ``i = 0..N-1``):
+
+======================== ================== ================================================
+tap                      shape              meaning
+======================== ================== ================================================
+embeddings               ``[B, L, D]``      input of block 0 (position embeddings, [CLS])
+layer{i}/hidden          ``[B, L, D]``      output of block i (pre-LN residual stream)
+layer{i}/q, k, v         ``[B, h, L, d_h]`` per-head queries, keys, values
+layer{i}/attn_scores     ``[B, h, L, L]``   ``q k^T / sqrt(d_h)`` + mask bias (-10000 at
+                                            padded keys), before softmax; float32
+layer{i}/attn_probs      ``[B, h, L, L]``   softmax of the scores over keys; float32
+token_mask               ``[B, L]``         1.0 real token (and [CLS]), 0.0 padding
+embedding                ``[B, D]``         pooled ([CLS] or masked mean) after the final LN
+logits                   ``[B, C]``         classifier output
+======================== ================== ================================================
+
 Registered names (:func:`list_models`): ``resnet`` (generic, ``depth=6n+2``, ``widths``),
 ``resnet8/14/20/32/44/56/110`` (widths 16/16/32/64), ``resnet8x4``, ``resnet32x4`` (widths
 32/64/128/256), ``wrn`` (generic, ``depth=6n+4``, ``widen_factor``), ``wrn_16_1``,
-``wrn_16_2``, ``wrn_40_1``, ``wrn_40_2``, ``wrn_28_4``, ``cnn``, ``mlp``.
+``wrn_16_2``, ``wrn_40_1``, ``wrn_40_2``, ``wrn_28_4``, ``cnn``, ``mlp``, ``transformer``
+(generic: ``num_layers``, ``dim``, ``num_heads`` and ``patch_size`` or ``vocab_size``), the
+patch models ``vit_teacher`` (6 layers, D=256, 8 heads), ``vit_student`` (3, 128, 8),
+``vit_student2`` (2, 128, 8) (``patch_size`` default ``(4, 4)``) and the token models
+``seq_teacher``, ``seq_student``, ``seq_student2`` of the same sizes (``vocab_size`` required).
 
 Models written elsewhere plug in through :func:`from_linen` (a Linen module whose
 ``__call__(x, train)`` returns logits or ``(logits, features)``) and :func:`from_nnx` (an NNX

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from jaxkd.models.base import ModelFns, from_linen
 from jaxkd.models.resnet import CIFAR_WIDTHS, X4_WIDTHS, CifarResNet
 from jaxkd.models.small import MLP, SmallCNN
+from jaxkd.models.transformer import Transformer
 from jaxkd.models.wrn import WideResNet
 
 __all__ = ["create_model", "list_models", "register_model"]
@@ -73,6 +74,79 @@ def _mlp(
     return MLP(num_classes, tuple(hidden), dropout_rate, _dtype(dtype))
 
 
+def _transformer(
+    num_classes: int,
+    *,
+    num_layers: int,
+    dim: int,
+    num_heads: int,
+    mlp_dim: int | None = None,
+    patch_size: Sequence[int] | None = None,
+    vocab_size: int | None = None,
+    max_len: int | None = None,
+    pad_id: int | None = None,
+    pool: str = "cls",
+    dropout_rate: float = 0.0,
+    dtype: DTypeLike = jnp.float32,
+) -> nn.Module:
+    if patch_size is not None and (max_len is not None or pad_id is not None):
+        raise ValueError("max_len and pad_id are options of token models (vocab_size), not of "
+                         f"patch models (patch_size={patch_size!r})")
+    if isinstance(patch_size, int):
+        patch_size = (patch_size, patch_size)
+    token_opts = {} if patch_size is not None else {
+        "max_len": 128 if max_len is None else max_len, "pad_id": 0 if pad_id is None else pad_id}
+    return Transformer(
+        num_classes=num_classes, num_layers=num_layers, dim=dim, num_heads=num_heads,
+        mlp_dim=mlp_dim, patch_size=None if patch_size is None else tuple(patch_size),
+        vocab_size=vocab_size, pool=pool, dropout_rate=dropout_rate, dtype=_dtype(dtype),
+        **token_opts)
+
+
+def _vit(
+    num_classes: int,
+    *,
+    num_layers: int,
+    dim: int,
+    num_heads: int,
+    patch_size: Sequence[int] = (4, 4),
+    mlp_dim: int | None = None,
+    pool: str = "cls",
+    dropout_rate: float = 0.0,
+    dtype: DTypeLike = jnp.float32,
+) -> nn.Module:
+    return _transformer(num_classes, num_layers=num_layers, dim=dim, num_heads=num_heads,
+                        mlp_dim=mlp_dim, patch_size=patch_size, pool=pool,
+                        dropout_rate=dropout_rate, dtype=dtype)
+
+
+def _seq(
+    num_classes: int,
+    *,
+    num_layers: int,
+    dim: int,
+    num_heads: int,
+    vocab_size: int,
+    max_len: int = 128,
+    pad_id: int = 0,
+    mlp_dim: int | None = None,
+    pool: str = "cls",
+    dropout_rate: float = 0.0,
+    dtype: DTypeLike = jnp.float32,
+) -> nn.Module:
+    return _transformer(num_classes, num_layers=num_layers, dim=dim, num_heads=num_heads,
+                        mlp_dim=mlp_dim, vocab_size=vocab_size, max_len=max_len, pad_id=pad_id,
+                        pool=pool, dropout_rate=dropout_rate, dtype=dtype)
+
+
+# named transformer sizes: (num_layers, dim, num_heads); mlp_dim defaults to 4 * dim
+TRANSFORMER_SIZES: dict[str, tuple[int, int, int]] = {
+    "teacher": (6, 256, 8),
+    "student": (3, 128, 8),
+    "student2": (2, 128, 8),
+}
+
+
 def _fixed(builder: Callable[..., nn.Module], **fixed: Any) -> Callable[..., nn.Module]:
     """A builder with some keyword arguments fixed (they are no longer accepted)."""
 
@@ -101,6 +175,12 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     },
     "cnn": _cnn,
     "mlp": _mlp,
+    "transformer": _transformer,
+    **{
+        f"{kind}_{size}": _fixed(builder, num_layers=n, dim=d, num_heads=h)
+        for kind, builder in (("vit", _vit), ("seq", _seq))
+        for size, (n, d, h) in TRANSFORMER_SIZES.items()
+    },
 }
 
 
@@ -150,9 +230,16 @@ def create_model(name: str, num_classes: int, **kwargs: Any) -> ModelFns:
         ``"bfloat16"``; parameters stay float32). ``resnet``: ``depth`` (6n+2), ``widths``
         (4 ints). ``wrn``: ``depth`` (6n+4), ``widen_factor``; WRNs: ``dropout_rate``.
         ``cnn``: ``width``, ``hidden``, ``dropout_rate``. ``mlp``: ``hidden`` (widths),
-        ``dropout_rate``. Every model also takes ``quant`` (a mapping with ``weight_bits``,
-        ``act_bits``, ``per_channel``, ``act_clip``, ``skip``): the low-precision version, see
-        :mod:`jaxkd.models.quant`.
+        ``dropout_rate``. ``transformer`` (see :mod:`jaxkd.models.transformer`):
+        ``num_layers``, ``dim``, ``num_heads``, ``mlp_dim`` (default ``4 * dim``), either
+        ``patch_size`` (images) or ``vocab_size`` with ``max_len`` (default 128) and
+        ``pad_id`` (default 0) (token ids), ``pool`` (``"cls"`` or ``"mean"``),
+        ``dropout_rate``. ``vit_teacher`` / ``vit_student`` / ``vit_student2`` (patch models,
+        ``patch_size`` default ``(4, 4)``) and ``seq_teacher`` / ``seq_student`` /
+        ``seq_student2`` (token models, ``vocab_size`` required) fix ``num_layers``, ``dim``,
+        ``num_heads`` to 6/256/8, 3/128/8 and 2/128/8. Every model also takes ``quant`` (a
+        mapping with ``weight_bits``, ``act_bits``, ``per_channel``, ``act_clip``, ``skip``):
+        the low-precision version, see :mod:`jaxkd.models.quant`.
 
     Raises:
       ValueError: unknown name (the message lists the available ones and close matches),
