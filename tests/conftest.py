@@ -131,6 +131,8 @@ def eight_devices(tmp_path_factory, data_dir, digits_teacher):
         env = dict(os.environ, JAXKD_DATA_DIR=data_dir)
         env["XLA_FLAGS"] = child_xla_flags()
         here = os.path.dirname(os.path.abspath(__file__))
+        # the child imports the jaxkd of this checkout (a worktree), not whichever one is installed
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (os.path.dirname(here), env.get("PYTHONPATH")) if p)
         proc = subprocess.run([sys.executable, os.path.join(here, "_eight_devices.py"), str(folder / "ctx.json"),
                                str(folder / "out.json"), *_eight_devices.CHECKS], capture_output=True, text=True,
                               timeout=900, env=env, cwd=os.path.dirname(here))
