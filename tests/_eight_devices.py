@@ -23,6 +23,7 @@ CHECKS = (
     "test_teacher_cache:eight_devices_cache",
     "test_interface:eight_devices_batch_term",
     "test_crd:eight_devices_crd",
+    "test_sskd:eight_devices_sskd",
 )
 
 
