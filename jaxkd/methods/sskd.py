@@ -137,8 +137,8 @@ def sskd_prepare_batch(batch, rng, pipeline, crop_pad: Any = "scaled"):
     b = images.shape[0]
     pad = scaled_pad(images.shape[1]) if crop_pad == "scaled" else int(crop_pad)
     flips, offsets = view_choices(rng, b, pad)
-    out = {k: jnp.repeat(v, NUM_VIEWS, axis=0) for k, v in batch.items()
-           if k != "image" and getattr(v, "ndim", 0) >= 1 and v.shape[0] == b}
+    out = {k: jnp.repeat(v, NUM_VIEWS, axis=0) if getattr(v, "ndim", 0) >= 1 and v.shape[0] == b else v
+           for k, v in batch.items() if k != "image"}
     out["image"] = pipeline.normalize(make_views(images, flips, offsets, pad))
     return out
 

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The SSKD study behind docs/experiments.md: Fashion-MNIST with limited labels (1,000 and 3,000
+# training images), 3 seeds, best and last epoch:
+#   resnet20 -> resnet8: baseline, KD, CRD, SSKD, SSKD without labels;
+#   resnet20 -> cnn (the heterogeneous pair): CE, KD, SSKD;
+#   augmentation control: baseline and KD with the crop + flip that SSKD's views carry;
+# then the teacher head's rotation-retrieval accuracy after the pre-stage of every SSKD run.
+#   bash experiments/sskd_study.sh     # needs the Fashion-MNIST IDX files; cost: see below
+# SIZES="1000" runs one subset size; TEACHER=runs/fashion_features/teacher reuses the feature
+# study's teacher (the same config: resnet20, CE, 3 epochs on all 60k images).
+# Cost (2 CPU cores, estimated from one short timing, see the report of issue 17): about 3 h for
+# SIZES="1000" and about 8 h for both sizes, plus the teacher (~25 min) if it is not reused.
+set -euo pipefail
+cfg=experiments/configs/fashion_sskd.py
+out="${RUNS:-runs}/fashion_sskd"
+jaxkd="${JAXKD:-jaxkd}"
+python="${PYTHON:-python}"
+teacher="${TEACHER:-$out/teacher}"
+if [ ! -f "$teacher/summary.json" ]; then
+  $jaxkd train --config $cfg --workdir "$teacher" model.name=resnet20 "model.kwargs={}" \
+    method.name=ce train.num_epochs=3 train.progress=False > /dev/null
+fi
+for n in ${SIZES:-1000 3000}; do
+  $jaxkd compare --config $cfg --workdir "$out/n$n" --seeds 0,1,2 --no-progress \
+    --methods kd,crd,sskd,sskd_unlabelled,ce_cnn,kd_cnn,sskd_cnn \
+    teacher.workdir="$teacher" data.num_train_examples=$n
+  $jaxkd compare --config $cfg --workdir "$out/n${n}_augment" --seeds 0,1,2 --no-progress --methods kd \
+    teacher.workdir="$teacher" data.num_train_examples=$n "data.augment={'pad': 4, 'flip': True}"
+done
+# the teacher head after its stage: rotation-retrieval accuracy (train/ss_acc_t) of its first and last epoch
+$python - "$out" <<'EOF'
+import glob, json, os, statistics, sys
+rows = {}
+for path in sorted(glob.glob(os.path.join(sys.argv[1], "n*", "sskd*", "seed*", "metrics.jsonl"))):
+    recs = [json.loads(line) for line in open(path)]
+    head = [r for r in recs if r.get("stage") == "teacher_head"]
+    student = [r for r in recs if r.get("stage") == "student"]
+    run = os.path.relpath(os.path.dirname(os.path.dirname(path)), sys.argv[1])
+    rows.setdefault(run, []).append((head[0]["train/ss_acc_t"], head[-1]["train/ss_acc_t"],
+                                     student[-1]["train/ss_acc_s"], student[-1]["train/ss_kept"]))
+lines = ["| run | seeds | teacher head ss_acc, first epoch | after the pre-stage | student head ss_acc, last epoch"
+         " | similarity rows kept |", "|---|---|---|---|---|---|"]
+for run, vals in rows.items():
+    cols = [statistics.fmean(v[i] for v in vals) for i in range(4)]
+    lines.append(f"| {run} | {len(vals)} | " + " | ".join(f"{100 * c:.1f} %" for c in cols) + " |")
+report = "\n".join(lines) + "\n"
+open(os.path.join(sys.argv[1], "retrieval.md"), "w").write(report)
+print(report)
+EOF
