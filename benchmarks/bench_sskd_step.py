@@ -7,7 +7,8 @@ On random images of Fashion-MNIST's shape (28x28x1, 10 classes) by default, the 
 ``experiments/configs/fashion_sskd.py``. SSKD makes 4 views of every image inside the step, so the
 teacher and the student both run on 4B rows; the table also times a KD step on 4B images, which
 tells the cost of the extra rows from the cost of SSKD's own work (views, heads, similarity
-matrices, filtering). Prints medians (ms) and the ratios to the KD step on B images.
+matrices, filtering). The cases are timed round robin (one step of each per repeat). Prints medians
+(ms) and the ratios to the KD step on B images.
 """
 
 from __future__ import annotations
@@ -26,14 +27,10 @@ from jaxkd.core import build_recipe
 from jaxkd.train import InputPipeline, create_train_state, make_train_step
 
 
-def _time(fn, repeats: int) -> float:
-    fn()  # compile / warm up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def _time(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def main(argv=None) -> None:
@@ -62,7 +59,7 @@ def main(argv=None) -> None:
     kd = {"name": "hinton_kd", "temperature": 4.0, "alpha": 0.9, "gamma": 0.1}
     cases = (("kd", kd, b), ("kd_4x_rows", kd, 4 * b), ("sskd", {"name": "sskd"}, b),
              ("sskd_teacher_head", {"name": "sskd_teacher_head"}, b))
-    results = {}
+    runs = {}
     for name, method, n in cases:
         recipe = build_recipe(method)
         state = create_train_state(jax.random.PRNGKey(0), student, recipe, tx, sample, teacher=teacher,
@@ -73,14 +70,22 @@ def main(argv=None) -> None:
 
         def run(step=step, state=state, batch=batch):
             jax.block_until_ready(step(state, t_vars, batch)[1])
-        results[name] = _time(run, args.repeats)
+        run()  # compile
+        runs[name] = run
+    # round robin: each repeat times every case once, so a change in the machine's load hits all alike
+    times = {name: [] for name in runs}
+    for _ in range(args.repeats):
+        for name, run in runs.items():
+            times[name].append(_time(run))
+    results = {name: statistics.median(ts) for name, ts in times.items()}
 
     print(f"devices: {jax.devices()}  batch {b} images ({hw}x{hw}x{args.channels})  "
           f"teacher {args.teacher}  student {args.student}")
-    print("| step | rows | median ms | / KD step |\n|---|---|---|---|")
+    print("| step | rows | median ms (min-max) | / KD step |\n|---|---|---|---|")
     for name, _, n in cases:
         rows = 4 * n if name.startswith("sskd") else n
-        print(f"| {name} | {rows} | {1000 * results[name]:.1f} | {results[name] / results['kd']:.2f}x |")
+        print(f"| {name} | {rows} | {1000 * results[name]:.1f} ({1000 * min(times[name]):.0f}-"
+              f"{1000 * max(times[name]):.0f}) | {results[name] / results['kd']:.2f}x |")
     print()
     print(f"SSKD step / KD step: {results['sskd'] / results['kd']:.2f}x; "
           f"SSKD step / KD step on the same 4B rows: {results['sskd'] / results['kd_4x_rows']:.2f}x")

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The SSKD study behind docs/experiments.md: Fashion-MNIST with limited labels (1,000 and 3,000
 # training images), 3 seeds, best and last epoch:
-#   resnet20 -> resnet8: baseline, KD, CRD, SSKD, SSKD without labels;
-#   resnet20 -> cnn (the heterogeneous pair): CE, KD, SSKD;
-#   augmentation control: baseline and KD with the crop + flip that SSKD's views carry;
+#   resnet20 -> resnet8: baseline, KD, CRD, SSKD (both sizes), SSKD without labels (1,000);
+#   resnet20 -> cnn (the heterogeneous pair, 1,000): CE, KD, SSKD;
+#   augmentation control (1,000): baseline and KD with the crop + flip that SSKD's views carry;
 # then the teacher head's rotation-retrieval accuracy after the pre-stage of every SSKD run.
 #   bash experiments/sskd_study.sh     # needs the Fashion-MNIST IDX files; cost: see below
 # SIZES="1000" runs one subset size; TEACHER=runs/fashion_features/teacher reuses the feature
@@ -20,13 +20,17 @@ if [ ! -f "$teacher/summary.json" ]; then
   $jaxkd train --config $cfg --workdir "$teacher" model.name=resnet20 "model.kwargs={}" \
     method.name=ce train.num_epochs=3 train.progress=False > /dev/null
 fi
+# 1,000 images: everything; 3,000 images: the resnet8 rows (baseline, KD, CRD, SSKD)
 for n in ${SIZES:-1000 3000}; do
-  $jaxkd compare --config $cfg --workdir "$out/n$n" --seeds 0,1,2 --no-progress \
-    --methods kd,crd,sskd,sskd_unlabelled,ce_cnn,kd_cnn,sskd_cnn \
+  if [ "$n" = 1000 ]; then methods="${METHODS_1000:-kd,crd,sskd,sskd_unlabelled,ce_cnn,kd_cnn,sskd_cnn}"
+  else methods="${METHODS_OTHER:-kd,crd,sskd}"; fi
+  $jaxkd compare --config $cfg --workdir "$out/n$n" --seeds 0,1,2 --no-progress --methods "$methods" \
     teacher.workdir="$teacher" data.num_train_examples=$n
-  $jaxkd compare --config $cfg --workdir "$out/n${n}_augment" --seeds 0,1,2 --no-progress --methods kd \
-    teacher.workdir="$teacher" data.num_train_examples=$n "data.augment={'pad': 4, 'flip': True}"
 done
+if [ "${AUGMENT_CONTROL:-1}" = 1 ]; then
+  $jaxkd compare --config $cfg --workdir "$out/n1000_augment" --seeds 0,1,2 --no-progress --methods kd \
+    teacher.workdir="$teacher" data.num_train_examples=1000 "data.augment={'pad': 4, 'flip': True}"
+fi
 # the teacher head after its stage: rotation-retrieval accuracy (train/ss_acc_t) of its first and last epoch
 $python - "$out" <<'EOF'
 import glob, json, os, statistics, sys
