@@ -8,14 +8,20 @@
 #   bash experiments/sskd_study.sh     # needs the Fashion-MNIST IDX files; cost: see below
 # SIZES="1000" runs one subset size; TEACHER=runs/fashion_features/teacher reuses the feature
 # study's teacher (the same config: resnet20, CE, 3 epochs on all 60k images).
-# Cost (2 CPU cores, estimated from one short timing, see the report of issue 17): about 3 h for
-# SIZES="1000" and about 8 h for both sizes, plus the teacher (~25 min) if it is not reused.
+# SEEDS="0" runs one seed. Cost, estimated from one short timing (1,000 images, 2 epochs of
+# baseline and KD, 1 + 2 epochs of SSKD) on 2 CPU cores shared with other jobs (load ~9): an
+# epoch took ~39 s for baseline/KD, ~80 s for the SSKD student stage, ~40 s for the teacher-head
+# stage (most of the last is the eval of the unchanged student), so one SSKD run (8 + 10 epochs)
+# ~20 min and a KD run ~7 min at 1,000 images; the study then takes ~5.5 h at 1,000 images and
+# ~5.3 h at 3,000 (11 h in all, plus ~25 min for the teacher unless reused) at that load; expect
+# roughly half on a quiet machine.
 set -euo pipefail
 cfg=experiments/configs/fashion_sskd.py
 out="${RUNS:-runs}/fashion_sskd"
 jaxkd="${JAXKD:-jaxkd}"
 python="${PYTHON:-python}"
 teacher="${TEACHER:-$out/teacher}"
+seeds="${SEEDS:-0,1,2}"
 if [ ! -f "$teacher/summary.json" ]; then
   $jaxkd train --config $cfg --workdir "$teacher" model.name=resnet20 "model.kwargs={}" \
     method.name=ce train.num_epochs=3 train.progress=False > /dev/null
@@ -24,11 +30,11 @@ fi
 for n in ${SIZES:-1000 3000}; do
   if [ "$n" = 1000 ]; then methods="${METHODS_1000:-kd,crd,sskd,sskd_unlabelled,ce_cnn,kd_cnn,sskd_cnn}"
   else methods="${METHODS_OTHER:-kd,crd,sskd}"; fi
-  $jaxkd compare --config $cfg --workdir "$out/n$n" --seeds 0,1,2 --no-progress --methods "$methods" \
+  $jaxkd compare --config $cfg --workdir "$out/n$n" --seeds "$seeds" --no-progress --methods "$methods" \
     teacher.workdir="$teacher" data.num_train_examples=$n
 done
 if [ "${AUGMENT_CONTROL:-1}" = 1 ]; then
-  $jaxkd compare --config $cfg --workdir "$out/n1000_augment" --seeds 0,1,2 --no-progress --methods kd \
+  $jaxkd compare --config $cfg --workdir "$out/n1000_augment" --seeds "$seeds" --no-progress --methods kd \
     teacher.workdir="$teacher" data.num_train_examples=1000 "data.augment={'pad': 4, 'flip': True}"
 fi
 # the teacher head after its stage: rotation-retrieval accuracy (train/ss_acc_t) of its first and last epoch
