@@ -281,12 +281,14 @@ def test_two_stages_resume_exactly_in_either_stage_and_a_later_run_loads_the_hea
     first = ckpt_lib.load_run_state(b)[1]
     train_and_evaluate(cfg, b, stop_after_steps=3)  # in the middle of the student stage
     third = ckpt_lib.load_run_state(b)[1]
+    assert int(first["step"]) == 1 and int(third["step"]) == 3  # stage 1 is steps 0-1, stage 2 steps 2-3
     train_and_evaluate(cfg, b)
     sa, sb = ckpt_lib.load_run_state(a)[1], ckpt_lib.load_run_state(b)[1]
     jax.tree.map(np.testing.assert_array_equal, sa, sb)
     # stage 1 moved only the teacher head; stage 2 kept it and trained the student
     assert sorted(sa["params"]["aux"]) == ["sskd_head_s", "sskd_head_t"]  # both stages declare the same two
-    jax.tree.map(np.testing.assert_array_equal, third["params"]["aux"]["sskd_head_t"], sa["params"]["aux"]["sskd_head_t"])
+    jax.tree.map(np.testing.assert_array_equal, third["params"]["aux"]["sskd_head_t"],
+                 sa["params"]["aux"]["sskd_head_t"])
     assert not np.array_equal(first["params"]["aux"]["sskd_head_t"]["fc1"]["kernel"],
                               sa["params"]["aux"]["sskd_head_t"]["fc1"]["kernel"])
     # a later run reads the trained head from a's work dir, frozen
@@ -326,7 +328,8 @@ def eight_devices_sskd(ctx):
                      "label": rng.integers(0, 10, 16).astype(np.int32), "index": np.arange(16, dtype=np.int32)}
             state, m = steps[which](state, t_vars, step_lib.shard_batch(batch, mesh))
             metrics.append({k: float(v) for k, v in m.items()})
-        out[n] = {"metrics": metrics, "head_t": np.asarray(state.params["aux"]["sskd_head_t"]["fc2"]["kernel"]).ravel().tolist(),
+        head_t = state.params["aux"]["sskd_head_t"]["fc2"]["kernel"]
+        out[n] = {"metrics": metrics, "head_t": np.asarray(head_t).ravel().tolist(),
                   "fc": np.asarray(state.params["student"]["fc"]["kernel"]).ravel().tolist()}
     return out
 

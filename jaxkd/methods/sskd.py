@@ -15,7 +15,9 @@ statistics over all ``4 B`` views) see the same views.
 **Heads.** ``Linear(d, d) - ReLU - Linear(d, d)`` (PyTorch's init) on the pooled penultimate feature
 (the ``embedding`` tap), one per network: ``aux/sskd_head_s`` and ``aux/sskd_head_t``. Both recipes
 below declare both, so one run holds them once (a later stage shares them; a later run loads a
-trained teacher head with ``aux_init_from={"sskd_head_t": <work dir>}``).
+trained teacher head with ``aux_init_from={"sskd_head_t": <work dir>}``). Nothing checks that the
+teacher head was trained: an ``sskd`` run without the pre-stage or ``aux_init_from`` distils the
+similarities of a randomly initialised head.
 
 **Teacher pre-stage** (method ``sskd_teacher_head``). Only the teacher's head trains (the student and
 its head are frozen, :attr:`Recipe.frozen`; the teacher's backbone is the frozen teacher). With
@@ -102,7 +104,7 @@ class ProjectionHead(nn.Module):
 
 def scaled_pad(size: int) -> int:
     """The crop padding for ``size``-pixel images: CIFAR's 4 on 32 pixels, scaled (rounded half up)."""
-    return int(math.floor(4.0 * size / 32.0 + 0.5))
+    return math.floor(4.0 * size / 32.0 + 0.5)
 
 
 def view_choices(rng, batch_size: int, pad: int):
