@@ -155,11 +155,12 @@ def rotated_and_originals(x):
 
 
 def cosine_matrix(rotated, originals, eps: float = 1e-8):
-    """``[3B, B]``: ``sim[r, j] = cos(rotated[r], originals[j])`` (each vector's norm floored at ``eps``)."""
+    """``[3B, B]``: ``sim[r, j] = cos(rotated[r], originals[j])`` (each vector's norm floored at ``eps``,
+    the products in full float32 precision)."""
     def unit(v):
         v = v.astype(jnp.float32)
         return v / jnp.maximum(jnp.linalg.norm(v, axis=-1, keepdims=True), eps)
-    return unit(rotated) @ unit(originals).T
+    return jnp.matmul(unit(rotated), unit(originals).T, precision=jax.lax.Precision.HIGHEST)  # float32 on TPU too
 
 
 # --------------------------------------------------------------------------------------------
