@@ -24,6 +24,7 @@ CHECKS = (
     "test_interface:eight_devices_batch_term",
     "test_crd:eight_devices_crd",
     "test_transformer_kd:eight_devices_transformer_kd",
+    "test_sskd:eight_devices_sskd",
 )
 
 

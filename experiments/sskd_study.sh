@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The SSKD study behind docs/experiments.md: Fashion-MNIST with limited labels (1,000 and 3,000
+# training images), 3 seeds, best and last epoch:
+#   resnet20 -> resnet8: baseline, KD, CRD, SSKD (both sizes), SSKD without labels (1,000);
+#   resnet20 -> cnn (the heterogeneous pair, 1,000): CE, KD, SSKD;
+#   augmentation control (1,000): baseline and KD with the crop + flip that SSKD's views carry;
+# then the teacher head's rotation-retrieval accuracy after the pre-stage of every SSKD run.
+#   bash experiments/sskd_study.sh     # needs the Fashion-MNIST IDX files; cost: see below
+# SIZES="1000" runs one subset size; TEACHER=runs/fashion_features/teacher reuses the feature
+# study's teacher (the same config: resnet20, CE, 3 epochs on all 60k images).
+# SEEDS="0" runs one seed. Cost, estimated from one short timing (1,000 images, 2 epochs of
+# baseline and KD, 1 + 2 epochs of SSKD) on 2 CPU cores shared with other jobs (load ~9): an
+# epoch took ~39 s for baseline/KD, ~80 s for the SSKD student stage, ~40 s for the teacher-head
+# stage (most of the last is the eval of the unchanged student), so one SSKD run (8 + 10 epochs)
+# ~20 min and a KD run ~7 min at 1,000 images; the study then takes ~5.5 h at 1,000 images and
+# ~5.3 h at 3,000 (11 h in all, plus ~25 min for the teacher unless reused) at that load; expect
+# roughly half on a quiet machine.
+set -euo pipefail
+cfg=experiments/configs/fashion_sskd.py
+out="${RUNS:-runs}/fashion_sskd"
+jaxkd="${JAXKD:-jaxkd}"
+python="${PYTHON:-python}"
+teacher="${TEACHER:-$out/teacher}"
+seeds="${SEEDS:-0,1,2}"
+if [ ! -f "$teacher/summary.json" ]; then
+  $jaxkd train --config $cfg --workdir "$teacher" model.name=resnet20 "model.kwargs={}" \
+    method.name=ce train.num_epochs=3 train.progress=False > /dev/null
+fi
+# 1,000 images: everything; 3,000 images: the resnet8 rows (baseline, KD, CRD, SSKD)
+for n in ${SIZES:-1000 3000}; do
+  if [ "$n" = 1000 ]; then methods="${METHODS_1000:-kd,crd,sskd,sskd_unlabelled,ce_cnn,kd_cnn,sskd_cnn}"
+  else methods="${METHODS_OTHER:-kd,crd,sskd}"; fi
+  $jaxkd compare --config $cfg --workdir "$out/n$n" --seeds "$seeds" --no-progress --methods "$methods" \
+    teacher.workdir="$teacher" data.num_train_examples=$n
+done
+if [ "${AUGMENT_CONTROL:-1}" = 1 ]; then
+  $jaxkd compare --config $cfg --workdir "$out/n1000_augment" --seeds "$seeds" --no-progress --methods kd \
+    teacher.workdir="$teacher" data.num_train_examples=1000 "data.augment={'pad': 4, 'flip': True}"
+fi
+# the teacher head after its stage: rotation-retrieval accuracy (train/ss_acc_t) of its first and last epoch
+$python - "$out" <<'EOF'
+import glob, json, os, statistics, sys
+rows = {}
+for path in sorted(glob.glob(os.path.join(sys.argv[1], "n*", "sskd*", "seed*", "metrics.jsonl"))):
+    recs = [json.loads(line) for line in open(path)]
+    head = [r for r in recs if r.get("stage") == "teacher_head"]
+    student = [r for r in recs if r.get("stage") == "student"]
+    run = os.path.relpath(os.path.dirname(os.path.dirname(path)), sys.argv[1])
+    rows.setdefault(run, []).append((head[0]["train/ss_acc_t"], head[-1]["train/ss_acc_t"],
+                                     student[-1]["train/ss_acc_s"], student[-1]["train/ss_kept"]))
+lines = ["| run | seeds | teacher head ss_acc, first epoch | after the pre-stage | student head ss_acc, last epoch"
+         " | similarity rows kept |", "|---|---|---|---|---|---|"]
+for run, vals in rows.items():
+    cols = [statistics.fmean(v[i] for v in vals) for i in range(4)]
+    lines.append(f"| {run} | {len(vals)} | " + " | ".join(f"{100 * c:.1f} %" for c in cols) + " |")
+report = "\n".join(lines) + "\n"
+open(os.path.join(sys.argv[1], "retrieval.md"), "w").write(report)
+print(report)
+EOF
