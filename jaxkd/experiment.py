@@ -49,10 +49,13 @@ def baseline_config(config: ml_collections.ConfigDict, seed: int) -> ml_collecti
 
 
 def preset_config(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
-    """``config`` with the named preset of ``config.presets`` applied (dotted keys -> values).
+    """``config`` with the named preset of ``config.presets`` applied.
 
-    A preset changes the method (``{"method": {...}}``), declares stages (``{"stages": [...]}``)
-    or changes any other key, e.g. the student model for a feature method.
+    A preset is a dict of top-level config keys to values: it changes the method
+    (``{"method": {...}}``), declares stages (``{"stages": [...]}``) or replaces any other
+    section, e.g. ``{"model": {"name": "cnn", "kwargs": {}}}`` for another student. Each value
+    replaces its whole section (``ml_collections`` refuses dotted keys such as ``"model.name"``
+    inside a config, so presets cannot name single fields that way).
     """
     presets = config.presets.to_dict() if hasattr(config.presets, "to_dict") else dict(config.presets or {})
     if name not in presets:
