@@ -364,3 +364,40 @@ def test_non_finite_message_names_only_a_verified_checkpoint(tmp_path, data_dir,
     assert m, str(e.value)
     bad, named = map(int, m.groups())
     assert bad == 3 and named == 1, str(e.value)  # not step 2, whose arrays were altered
+
+
+# --------------------------------------------------------------------------------------------
+# The teacher cache
+# --------------------------------------------------------------------------------------------
+
+
+def test_damaged_teacher_cache_is_refused(tmp_path, digits_teacher):
+    """The manifest holds a checksum of every file; opening the cache (and so any run from it)
+    checks them, reading in chunks, and refuses a damaged file by name."""
+    import hashlib
+
+    from _configs import digits_config
+    from jaxkd.train import teacher_cache as cache_lib
+    from jaxkd.train.cache_build import build_teacher_cache
+
+    cfg = digits_config(**{"teacher.workdir": digits_teacher[0], "data.num_train_examples": 128,
+                           "train.num_epochs": 1})
+    cache = str(tmp_path / "cache")
+    manifest = build_teacher_cache(cfg, None, cache, progress=False)
+    assert set(manifest["checksums"]) == {"logits.npy", "ids.npy"}
+    for name, digest in manifest["checksums"].items():  # an independent digest of each file
+        with open(os.path.join(cache, name), "rb") as f:
+            assert digest == hashlib.blake2b(f.read(), digest_size=16).hexdigest()
+    cache_lib.open_teacher_cache(cache)  # intact: opens
+    path = os.path.join(cache, "logits.npy")
+    with open(path, "r+b") as f:  # one logit's low byte changed: still a valid .npy
+        f.seek(os.path.getsize(path) - 7)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 1]))
+    with pytest.raises(config_lib.ConfigError, match=r"teacher cache file .*logits.npy' is damaged"):
+        cache_lib.open_teacher_cache(cache)
+    with pytest.raises(config_lib.ConfigError, match=r"logits.npy' is damaged"):
+        train_and_evaluate(config_lib.apply_overrides(cfg, [f"teacher.cache={cache!r}"]), str(tmp_path / "kd"))
+    # the chunked reader gives the digest of the whole file
+    assert cache_lib.file_checksum(path, chunk=1000) == cache_lib.file_checksum(path)
