@@ -2,8 +2,8 @@
 
 Layout of a work dir::
 
-    WORKDIR/checkpoints/<step>/{state,data,meta}   keep-N latest (for resume)
-    WORKDIR/best/<step>/{model,meta}                 the best eval accuracy (for teachers, export)
+    WORKDIR/checkpoints/<step>/{state,data,meta,checksums}   keep-N latest (for resume)
+    WORKDIR/best/<step>/{model,meta,checksums}                 the best eval accuracy (for teachers, export)
 
 ``state`` is the whole :class:`~jaxkd.train.step.TrainState` (params incl. auxiliary
 modules, batch stats, optimizer state, step, RNG); ``data`` the input iterator's position;

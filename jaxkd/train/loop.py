@@ -10,8 +10,10 @@ The loop reads as its phases:
    and **save** (every epoch and every ``train.checkpoint_every_steps``);
 4. **summarise** into ``summary.json``.
 
-Started again in the same work dir, a run resumes from the newest usable checkpoint and ends
-with the same params as a run that was never interrupted.
+Started again in the same work dir, a run resumes from the newest usable checkpoint (one that
+restores and matches its checksums) and ends with the same params as a run that was never
+interrupted: what had been written ahead of that step (best checkpoints, metrics, TensorBoard
+events, summaries) is reconciled first (:meth:`Trainer._reconcile`).
 """
 
 from __future__ import annotations
