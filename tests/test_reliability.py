@@ -418,3 +418,54 @@ def test_cli_failed_save_prints_one_line_and_the_same_command_resumes(tmp_path, 
     assert "newest: step 2" in lines[0]
     rerun = subprocess.run(cmd, env=env, timeout=300, capture_output=True, text=True)
     assert rerun.returncode == 0 and "jaxkd: resuming from checkpoint step 2" in rerun.stdout, rerun.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------------------------
+# Several processes agree
+# --------------------------------------------------------------------------------------------
+
+_AGREE_SCRIPT = r"""
+import json, sys
+import numpy as np
+from jaxkd.cli import initialize_distributed
+initialize_distributed(sys.argv[1], 2, int(sys.argv[2]))
+import jax
+from jaxkd.train import checkpoint as ckpt_lib
+pid = jax.process_index()
+out = {"none": ckpt_lib.agree(None), "one": ckpt_lib.agree("bad digest here" if pid == 1 else None),
+       "both": ckpt_lib.agree(f"bad on {pid}")}
+# an array sharded over the two processes is checksummed as the whole array on each
+mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+full = np.arange(8, dtype=np.float32)
+x = jax.make_array_from_callback((8,), sharding, lambda idx: full[idx])
+out["sharded"] = ckpt_lib.array_digest(x) == ckpt_lib.array_digest(full)
+print("RESULT " + json.dumps(out), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_processes_agree_on_a_step_only_if_every_one_verified_it(tmp_path):
+    """Two processes (gloo on CPU): a step one of them found damaged is damaged for both."""
+    import socket
+
+    from conftest import child_xla_flags
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "agree.py"
+    script.write_text(_AGREE_SCRIPT)
+    env = dict(os.environ, XLA_FLAGS=child_xla_flags(), PYTHONPATH=ROOT)
+    procs = [subprocess.Popen([sys.executable, str(script), f"127.0.0.1:{port}", str(i)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    results = []
+    for p in procs:
+        out, _ = p.communicate(timeout=180)
+        line = next((ln for ln in out.splitlines() if ln.startswith("RESULT ")), None)
+        assert p.returncode == 0 and line, out[-3000:]
+        results.append(json.loads(line[len("RESULT "):]))
+    assert [r["none"] for r in results] == [None, None]
+    assert results[0]["one"] == "failed to restore or verify on process(es) [1]"
+    assert results[1]["one"] == "bad digest here"
+    assert [r["both"] for r in results] == ["bad on 0", "bad on 1"]
+    assert all(r["sharded"] for r in results)
