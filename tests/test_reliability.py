@@ -167,9 +167,9 @@ def test_checksums_catch_a_changed_value_dtype_shape_and_a_missing_leaf():
     assert ckpt_lib.verify_checksums(rec, {"state": reshaped}, {}) is not None
     assert "b/c is recorded but was not restored" in ckpt_lib.verify_checksums(rec, {"state": {"a": tree["a"]}}, {})
     assert "'meta' does not match" in ckpt_lib.verify_checksums(rec, {}, {"meta": {"x": [1.5, 2.0001], "y": None}})
-    # a digest is of the bytes: an independent BLAKE2b of dtype, shape and bytes
+    # a digest is of the bytes: an independent SHA-256 of dtype, shape and bytes
     import hashlib
-    h = hashlib.blake2b(digest_size=16)
+    h = hashlib.sha256()
     h.update(b"<f4|(2, 3)|")
     h.update(np.arange(6, dtype="<f4").tobytes())
     assert rec["arrays"]["state"]["a"] == h.hexdigest()
@@ -389,7 +389,7 @@ def test_damaged_teacher_cache_is_refused(tmp_path, digits_teacher):
     assert set(manifest["checksums"]) == {"logits.npy", "ids.npy"}
     for name, digest in manifest["checksums"].items():  # an independent digest of each file
         with open(os.path.join(cache, name), "rb") as f:
-            assert digest == hashlib.blake2b(f.read(), digest_size=16).hexdigest()
+            assert digest == hashlib.sha256(f.read()).hexdigest()
     cache_lib.open_teacher_cache(cache)  # intact: opens
     path = os.path.join(cache, "logits.npy")
     with open(path, "r+b") as f:  # one logit's low byte changed: still a valid .npy

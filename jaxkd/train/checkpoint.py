@@ -9,7 +9,7 @@ Layout of a work dir::
 modules, batch stats, optimizer state, step, RNG); ``data`` the input iterator's position;
 ``meta`` the epoch, the metric history and the config. Teachers are never written here.
 
-Every step also holds ``checksums``: a BLAKE2b digest of each saved array's bytes (with its
+Every step also holds ``checksums``: a SHA-256 digest of each saved array's bytes (with its
 dtype and shape) and of each JSON item (:func:`tree_checksums`, :func:`json_checksum`),
 computed from what was saved and compared with what a restore returns
 (:func:`verify_checksums`). Restores go newest-to-oldest: Orbax ignores a leftover temporary
@@ -70,9 +70,9 @@ def _host_value(x) -> np.ndarray:
 
 
 def array_digest(value) -> str:
-    """BLAKE2b (128 bits) of an array's dtype, shape and bytes."""
+    """SHA-256 of an array's dtype, shape and bytes."""
     a = np.ascontiguousarray(_host_value(value))
-    h = hashlib.blake2b(digest_size=16)
+    h = hashlib.sha256()
     h.update(f"{a.dtype.str}|{a.shape}|".encode())
     h.update(a.reshape(-1).view(np.uint8) if a.size else b"")
     return h.hexdigest()
@@ -87,9 +87,9 @@ def tree_checksums(tree) -> dict[str, str]:
 
 
 def json_checksum(obj) -> str:
-    """BLAKE2b of a JSON item as it reads back (canonical: sorted keys)."""
+    """SHA-256 of a JSON item as it reads back (canonical: sorted keys)."""
     text = json.dumps(json.loads(json.dumps(obj)), sort_keys=True)
-    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def checksums_of(step: int, arrays: dict, jsons: dict) -> dict:

@@ -8,7 +8,7 @@ mean/std). It writes a folder::
     OUT/logits.npy      float32 (or float16) [N, V, C]: row i holds the logits of example ids[i]
     OUT/ids.npy         int64 [N], sorted ascending (the ``id`` of ``train_batches``)
     OUT/manifest.json   what the cache was made from (see :func:`jaxkd.train.cache_build.build_teacher_cache`)
-                        and a BLAKE2b checksum of every other file, checked when the cache is opened
+                        and a SHA-256 checksum of every other file, checked when the cache is opened
 
 With ``top_k=k`` (``jaxkd cache-teacher --top-k k``) the cache keeps, per example and view,
 only the ``k`` largest logits and one "rest" logit shared by the other ``C - k`` classes (see
@@ -305,9 +305,9 @@ class TeacherCache:
 
 
 def file_checksum(path: str, chunk: int = 1 << 24) -> str:
-    """BLAKE2b (128 bits) of a file's bytes, read in 16 MiB chunks (a large cache is never held in
+    """SHA-256 of a file's bytes, read in 16 MiB chunks (a large cache is never held in
     memory)."""
-    h = hashlib.blake2b(digest_size=16)
+    h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
