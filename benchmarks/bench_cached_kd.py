@@ -13,8 +13,8 @@ Rows, each one ``make_train_step`` call per step (host batch -> device -> jitted
 The rows are timed round-robin (one block of steps of each, repeated), so load from other
 jobs on a shared machine falls on all of them alike; the ratios use the medians of the blocks.
 
-    /work/venv/bin/python benchmarks/bench_cached_kd.py [--repeats 5 --steps 3] [--json-out F]
-    /work/venv/bin/python benchmarks/bench_cached_kd.py --quick    # resnet8 vs resnet20, B=16
+    python benchmarks/bench_cached_kd.py [--repeats 5 --steps 3] [--json-out F]
+    python benchmarks/bench_cached_kd.py --quick    # resnet8 vs resnet20, B=16
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ CIFAR models, on random uint8 32x32x3 batches, 100 classes. Both are timed round
 calls alternating), so load from other jobs falls on both alike. It also checks that the two give
 the same numbers (loss sum to rtol 1e-5, identical correct counts).
 
-    /work/venv/bin/python benchmarks/bench_eval.py [--repeats 6 --calls 3] [--json-out F]
-    /work/venv/bin/python benchmarks/bench_eval.py --quick     # resnet8x4 only, B=64, 3 repeats
+    python benchmarks/bench_eval.py [--repeats 6 --calls 3] [--json-out F]
+    python benchmarks/bench_eval.py --quick     # resnet8x4 only, B=64, 3 repeats
 """
 
 from __future__ import annotations

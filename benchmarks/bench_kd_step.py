@@ -19,15 +19,15 @@ Every jaxkd measurement runs in a child process, so each can have its own ``XLA_
      numerical check (the first step's loss / grad-norm against the default flags);
   2. runs the full jaxkd rows a-d with the default flags (and with the best screened flag set
      if that one was faster than the default by more than the noise margin);
-  3. runs the PyTorch peer (/work/shared/bench/torch_ref/bench_kd_step.py) with its own venv;
+  3. runs the PyTorch peer (``../shared/bench/torch_ref/bench_kd_step.py`` from the repo root) with its own venv;
   4. profiles the default-flag KD step per XLA op (jax.profiler, 2 steps);
   5. prints one markdown summary (and writes JSON with ``--json-out``).
 
 Usage::
 
-    /work/venv/bin/python benchmarks/bench_kd_step.py                 # full run (~12 min on 2 cores)
-    /work/venv/bin/python benchmarks/bench_kd_step.py --quick         # jaxkd only, B=16, <2 min
-    /work/venv/bin/python benchmarks/bench_kd_step.py --skip-torch --flag-sets default,no_ynn
+    python benchmarks/bench_kd_step.py                 # full run (~12 min on 2 cores)
+    python benchmarks/bench_kd_step.py --quick         # jaxkd only, B=16, <2 min
+    python benchmarks/bench_kd_step.py --skip-torch --flag-sets default,no_ynn
 
 See benchmarks/README.md for the results and what they mean.
 """
@@ -47,7 +47,10 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-TORCH_REF_DIR = "/work/shared/bench/torch_ref"
+# The PyTorch peer lives in the shared folder next to the repository (../shared from the repo
+# root); JAXKD_TORCH_REF_DIR points elsewhere.
+TORCH_REF_DIR = os.environ.get("JAXKD_TORCH_REF_DIR",
+                               os.path.join(os.path.dirname(REPO), "shared", "bench", "torch_ref"))
 TORCH_PY = os.path.join(HERE, ".venv-torch", "bin", "python")
 
 NUM_CLASSES = 100

@@ -5,7 +5,7 @@ setup of ``bench_kd_step.py``; steps built by ``bench_cached_kd.build_rows``). E
 measurement runs in its own child process, so peak memory (``ru_maxrss``) belongs to one
 step kind and ``XLA_FLAGS`` (forced device count) take effect.
 
-    /work/venv/bin/python benchmarks/bench_resources.py [--steps 6] [--json-out F]
+    python benchmarks/bench_resources.py [--steps 6] [--json-out F]
 
 Prints, for the KD step and the student-only step on 1 device: first call (compile) time,
 steady img/s, peak host memory of the process, and the bytes of the trained state (params +

@@ -33,7 +33,7 @@ Usage::
 
     python benchmarks/device_check.py                        # on the GPU machine (< 8 min)
     bash benchmarks/device_check.sh                          # same, output files to $OUT
-    /work/venv/bin/python benchmarks/device_check.py --smoke --skip-torch       # CPU check
+    python benchmarks/device_check.py --smoke --skip-torch       # CPU check
     benchmarks/.venv-torch/bin/python benchmarks/device_check.py --smoke --only torch
 """
 

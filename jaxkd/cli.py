@@ -101,6 +101,7 @@ def run(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     args.overrides = list(args.overrides) + extra
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").addFilter(_no_orbax_tracebacks)
     config = config_lib.load_config(args.config)
     config = config_lib.apply_overrides(config, args.overrides)
     if args.command == "train":
@@ -137,6 +138,12 @@ def run(argv: list[str] | None = None) -> int:
             summary.update({k: manifest["logits"][k] for k in ("top_k", "temperature", "top_k_mass")})
         print(json.dumps(summary, indent=2))
     return 0
+
+
+def _no_orbax_tracebacks(record: logging.LogRecord) -> bool:
+    """Drops Orbax's tracebacks of a failed background save: the run stops with one
+    ``jaxkd: error:`` line naming the cause instead (:meth:`jaxkd.train.loop.Trainer.save`)."""
+    return not (record.levelno >= logging.ERROR and "orbax" in record.pathname.replace("\\", "/"))
 
 
 def _refine(config, args) -> None:

@@ -156,7 +156,7 @@ def test_skip_nonfinite_in_the_loop_counts_and_keeps_checkpoints_finite(tmp_path
     assert all(np.isfinite(r["train/loss"]) for r in records)  # means over the good steps only
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(ckpt_lib.load_run_state(run)[1]["params"]))
     # the default stops at the first such step
-    with pytest.raises(TrainingError, match=r"non-finite loss .*no checkpoint yet.*train.on_nonfinite='skip' would skip"):
+    with pytest.raises(TrainingError, match=r"non-finite loss .*no verified checkpoint.*train.on_nonfinite='skip' would skip"):
         train_and_evaluate(_config(**{"model.name": "flaky", "model.kwargs": {}}), str(tmp_path / "stop"))
 
 

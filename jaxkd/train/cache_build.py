@@ -30,7 +30,7 @@ from jaxkd.errors import ConfigError
 from jaxkd.train import setup as setup_lib
 from jaxkd.train import step as step_lib
 from jaxkd.train.teacher_cache import (CACHE_FORMAT, IDS, INDICES, LOGITS, MANIFEST, MASS, PROGRESS, REST,
-                                       TOPK_FORMAT, BUILDING, _index_dtype, checkpoint_identity, data_identity,
+                                       TOPK_FORMAT, BUILDING, _index_dtype, checkpoint_identity, file_checksum, data_identity,
                                        teacher_temperatures, topk_compress, topk_mass, variables_hash, view_params)
 
 __all__ = ["build_teacher_cache"]
@@ -127,8 +127,7 @@ def build_teacher_cache(config, teacher_workdir: str | None, out_path: str, *, b
         manifest = _final_manifest(manifest, work, opts, n)
     else:  # the rows were complete and sorted before: only the moves into OUT were left
         manifest = work.record["manifest"]
-    work.finish(out_path, [name for name in (LOGITS, INDICES, REST) if name in shapes] + [IDS], manifest)
-    return manifest
+    return work.finish(out_path, [name for name in (LOGITS, INDICES, REST) if name in shapes] + [IDS], manifest)
 
 
 def _options(config, teacher_workdir, num_views, view_seed, dtype, top_k, temperature) -> _Options:
@@ -345,8 +344,9 @@ class _PartialBuild:
                             "rounding": self.rounding})
         self.view, self.row = view, row
 
-    def finish(self, out_path: str, names: list[str], manifest: dict) -> None:
-        """Puts the rows, sorted by id, and then the manifest into ``out_path``."""
+    def finish(self, out_path: str, names: list[str], manifest: dict) -> dict:
+        """Puts the rows, sorted by id, and then the manifest (with the files' checksums) into
+        ``out_path``; returns the manifest."""
         if not self.finishing:
             ids = np.array(self.arrays[IDS])
             order = np.argsort(ids, kind="stable")
@@ -367,8 +367,13 @@ class _PartialBuild:
                 os.replace(tmp, os.path.join(self.folder, f"sorted_{name}"))
             src = None
             self.arrays = {}  # closes the memory maps (the caller holds none)
+            prefix = "" if in_order else "sorted_"
+            manifest = {**manifest, "checksums": {name: file_checksum(os.path.join(self.folder, prefix + name))
+                                                  for name in names}}
             self._write_record({**self.record, "plan": self.plan_hash, "finishing": True, "sorted": not in_order,
                                 "manifest": manifest})
+        else:
+            manifest = self.record["manifest"]
         prefix = "sorted_" if self.record.get("sorted") else ""
         final = os.path.join(out_path, MANIFEST)
         if os.path.exists(final):  # files of an older cache are about to be replaced: it is no longer whole
@@ -385,5 +390,6 @@ class _PartialBuild:
             json.dump(manifest, f, indent=2)
         os.replace(tmp, final)  # after the files: a cache without it is incomplete
         shutil.rmtree(self.folder, ignore_errors=True)  # a leftover .building is cleared by the next build
+        return manifest
 
 

@@ -10,8 +10,10 @@ The loop reads as its phases:
    and **save** (every epoch and every ``train.checkpoint_every_steps``);
 4. **summarise** into ``summary.json``.
 
-Started again in the same work dir, a run resumes from the newest usable checkpoint and ends
-with the same params as a run that was never interrupted.
+Started again in the same work dir, a run resumes from the newest usable checkpoint (one that
+restores and matches its checksums) and ends with the same params as a run that was never
+interrupted: what had been written ahead of that step (best checkpoints, metrics, TensorBoard
+events, summaries) is reconciled first (:meth:`Trainer._reconcile`).
 """
 
 from __future__ import annotations
@@ -125,7 +127,7 @@ class Trainer:
                                     ". Use another --workdir, or pass --allow-config-change to resume anyway.")
             # every process is at the same global batch; the saved state is process 0's
             self.train_iter.set_state({**data_state, "shard_index": jax.process_index()})
-            _truncate_jsonl(self.logger.path, self.step)
+            self._reconcile()
             if jax.process_index() == 0 and self.step < run.total_steps:
                 print(f"jaxkd: resuming from checkpoint step {self.step} in {self.workdir}", flush=True)
             self.state_stage = run.stage_of_checkpoint(self.step)
@@ -145,6 +147,21 @@ class Trainer:
         self._progress_epoch()
         if self.progress is not None:
             self.progress.update((self.step % run.steps_per_epoch) * self.batch_size)
+
+    def _reconcile(self) -> None:
+        """Removes what was written ahead of the restored step, so that the resumed run writes it
+        again exactly as an uninterrupted run would: best checkpoints (the student's and a joint
+        teacher's) of later steps, metric records and TensorBoard events of later epochs
+        (rewritten from the restored history), and the summaries of the finished run."""
+        ckpt_lib.discard_steps_after(self.best.manager, self.step)
+        joint_dir = os.path.join(self.workdir, joint_lib.SUBDIR)
+        if os.path.isdir(os.path.join(joint_dir, "best")):
+            ckpt_lib.discard_steps_after(ckpt_lib.best_manager(joint_dir), self.step)
+        self.logger.rewind(self.meta["history"])
+        if self.step < self.run.total_steps and jax.process_index() == 0:
+            for path in (os.path.join(self.workdir, "summary.json"), os.path.join(joint_dir, "summary.json")):
+                if os.path.exists(path):
+                    os.remove(path)
 
     # -- train one stage ----------------------------------------------------------------------
 
@@ -221,21 +238,53 @@ class Trainer:
     # -- save ---------------------------------------------------------------------------------
 
     def save(self) -> None:
-        """Checkpoints the whole train state, the data position and ``meta`` (asynchronously)."""
+        """Checkpoints the whole train state, the data position and ``meta`` (asynchronously).
+
+        A best checkpoint saved at this step is complete before the run checkpoint that records
+        it is started. A save that fails (e.g. a full disk) stops the run with a
+        :class:`~jaxkd.errors.CheckpointError`; the steps saved before stay usable."""
         self.metrics.store(self.meta)
         now = time.perf_counter()
         self.meta["train_time_s"] += now - self.clock[0]
         self.meta["images"] += self.clock[1]
         self.clock = (now, 0)
-        ckpt_lib.save_run(self.run_mgr, self.step, self.state, self.train_iter.get_state(), dict(self.meta))
+        with self._saving():
+            self._wait_for_best()
+            ckpt_lib.save_run(self.run_mgr, self.step, self.state, self.train_iter.get_state(), dict(self.meta))
         _fault_point("kill_during_save", self.step)  # the save is still being written
+        if _fault_requested("kill_after_save", self.step):  # killed right after a step is finalised
+            with self._saving():
+                self.run_mgr.wait_until_finished()
+            _fault_point("kill_after_save", self.step)
+
+    def _wait_for_best(self) -> None:
+        self.best.wait_until_finished()
+        if self.joint is not None:
+            self.joint.best.wait_until_finished()
+
+    @contextlib.contextmanager
+    def _saving(self):
+        """Turns a failed (asynchronous) checkpoint write into one clear error."""
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 - whatever the storage raised
+            with contextlib.suppress(Exception):
+                self.run_mgr.reload()
+            newest = self.run_mgr.latest_step()
+            raise ckpt_lib.CheckpointError(
+                f"writing a checkpoint in {self.workdir} failed ({type(e).__name__}: {' '.join(str(e).split())[:300]}); "
+                f"the checkpoints saved before are intact (newest: step {newest}). Fix the cause (disk space, "
+                "permissions) and run the same command again to resume.") from e
 
     def close(self) -> None:
         if self.progress is not None:
             self.progress.close()
-        self.run_mgr.wait_until_finished()
-        self.best.wait_until_finished()
-        self.logger.close()
+        try:
+            with self._saving():
+                self.run_mgr.wait_until_finished()
+                self._wait_for_best()
+        finally:
+            self.logger.close()
 
     # -- summarise ----------------------------------------------------------------------------
 
@@ -269,7 +318,12 @@ class Trainer:
     # -- helpers ------------------------------------------------------------------------------
 
     def _last_checkpoint(self):
-        return self.run_mgr.latest_step(), self.run_mgr.directory
+        """The newest checkpoint that restores and matches its checksums (for error messages)."""
+        try:
+            step = ckpt_lib.newest_verified_step(self.run_mgr, self.run.state_template)
+        except Exception:  # noqa: BLE001 - a failed save in flight: name none
+            step = None
+        return step, self.run_mgr.directory
 
     def _on_step_read(self, step: int, metrics: dict | None) -> None:
         if self.progress is None:
@@ -338,7 +392,8 @@ class StepMetrics:
             why = (f"{self.max_skips} steps in a row were non-finite and skipped (train.max_consecutive_skips)"
                    if self.skip_nonfinite else "train.on_nonfinite='skip' would skip such batches instead")
             last, directory = self.last_checkpoint()
-            where = f"last good checkpoint: step {last} in {directory}" if last is not None else "no checkpoint yet"
+            where = (f"last good checkpoint: step {last} in {directory} (checksums verified)" if last is not None
+                     else "no verified checkpoint")
             raise TrainingError(f"non-finite loss ({float(m['loss'])}) at step {step}; {where}. Lower optim.lr "
                                 f"or check the data; {why}.")
         self.consecutive_skips = 0
@@ -427,24 +482,38 @@ class MetricLogger:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.tb is not None:
-            for k, v in record.items():
-                if k not in ("epoch", "step") and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, record["step"])
+            self._add_scalars(record)
+            self.tb.flush()
+
+    def _add_scalars(self, record: dict) -> None:
+        for k, v in record.items():
+            if k not in ("epoch", "step") and isinstance(v, (int, float)):
+                self.tb.add_scalar(k, v, record["step"])
+
+    def rewind(self, history: list[dict]) -> None:
+        """Rewrites ``metrics.jsonl`` and the TensorBoard events from ``history`` (the records of
+        the checkpoint a run resumes from): what an interrupted run logged after it is dropped."""
+        if jax.process_index() != 0:
+            return
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in history)
+        os.replace(tmp, self.path)
+        if self.tb is not None:
+            logdir = self.tb.logdir
+            self.tb.close()
+            for name in os.listdir(logdir):
+                if name.startswith("events.out.tfevents"):
+                    os.remove(os.path.join(logdir, name))
+            from tensorboardX import SummaryWriter
+            self.tb = SummaryWriter(logdir)
+            for record in history:
+                self._add_scalars(record)
             self.tb.flush()
 
     def close(self):
         if self.tb is not None:
             self.tb.close()
-
-
-def _truncate_jsonl(path: str, last_step: int) -> None:
-    """Drops records written after the checkpoint we resume from (they will be redone)."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= last_step]
-    with open(path, "w") as f:
-        f.writelines(lines)
 
 
 def _check_labels(labels: np.ndarray, num_classes: int, dataset: str) -> None:
@@ -454,11 +523,17 @@ def _check_labels(labels: np.ndarray, num_classes: int, dataset: str) -> None:
                             f"(min {labels.min()}, max {labels.max()}); its num_classes does not fit its labels")
 
 
+def _fault_requested(name: str, step: int) -> bool:
+    return os.environ.get("JAXKD_FAULT") == f"{name}:{step}"
+
+
 def _fault_point(name: str, step: int) -> None:
-    """Fault injection for the crash tests: ``JAXKD_FAULT=kill_at_step:17`` (or
-    ``kill_during_save:20``) makes this process SIGKILL itself at that point."""
-    spec = os.environ.get("JAXKD_FAULT")
-    if spec and spec == f"{name}:{step}":
+    """Fault injection for the crash tests: ``JAXKD_FAULT=kill_at_step:17`` (after the step),
+    ``kill_during_save:20`` (a save still being written) or ``kill_after_save:20`` (once step
+    20's checkpoint and best checkpoint are finalised) makes this process SIGKILL itself at that
+    point; ``oserror_during_save:20`` makes step 20's save fail
+    (:class:`jaxkd.train.checkpoint.ChecksumsHandler`)."""
+    if _fault_requested(name, step):
         import signal
         os.kill(os.getpid(), signal.SIGKILL)
 

@@ -8,6 +8,7 @@ mean/std). It writes a folder::
     OUT/logits.npy      float32 (or float16) [N, V, C]: row i holds the logits of example ids[i]
     OUT/ids.npy         int64 [N], sorted ascending (the ``id`` of ``train_batches``)
     OUT/manifest.json   what the cache was made from (see :func:`jaxkd.train.cache_build.build_teacher_cache`)
+                        and a SHA-256 checksum of every other file, checked when the cache is opened
 
 With ``top_k=k`` (``jaxkd cache-teacher --top-k k``) the cache keeps, per example and view,
 only the ``k`` largest logits and one "rest" logit shared by the other ``C - k`` classes (see
@@ -58,6 +59,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import warnings
 from typing import Any, Mapping
 
 import jax
@@ -202,12 +204,12 @@ def _numeric_dirs(folder: str) -> list[int]:
 def checkpoint_identity(workdir: str, which: str = "best") -> dict:
     """``{"kind", "step", "fingerprint"}`` of the checkpoint ``load_model_variables`` reads.
 
-    Cheap (no arrays read): the newest step of ``best/`` (``which="best"``, when present) else
-    of ``checkpoints/``, and a hash of Orbax's ``_CHECKPOINT_METADATA`` of that step, which
+    Cheap (no arrays read): the newest step of ``best/`` (``which="best"``) or of
+    ``checkpoints/`` (``"last"``), and a hash of Orbax's ``_CHECKPOINT_METADATA`` of that step, which
     holds its commit time, so a teacher retrained into the same work dir gets a new one.
     """
     workdir = os.path.abspath(workdir)
-    for kind in (("best", "checkpoints") if which == "best" else ("checkpoints",)):
+    for kind in (("best",) if which == "best" else ("checkpoints",)):
         steps = _numeric_dirs(os.path.join(workdir, kind))
         if steps:
             step_dir = os.path.join(workdir, kind, str(steps[-1]))
@@ -218,7 +220,8 @@ def checkpoint_identity(workdir: str, which: str = "best") -> dict:
             else:
                 blob = str(sorted(os.listdir(step_dir))).encode()
             return {"kind": kind, "step": steps[-1], "fingerprint": hashlib.sha256(blob).hexdigest()[:16]}
-    raise CheckpointError(f"no checkpoint of the teacher in {workdir!r}; train the teacher first")
+    raise CheckpointError(f"no {'best' if which == 'best' else 'run'} checkpoint of the teacher in {workdir!r}; "
+                          "train the teacher first" + (" (or set teacher.checkpoint=last)" if which == "best" else ""))
 
 
 def data_identity(config) -> dict:
@@ -301,8 +304,38 @@ class TeacherCache:
                            self.num_classes)
 
 
-def open_teacher_cache(path: str) -> TeacherCache:
-    """Opens the cache folder written by :func:`jaxkd.train.cache_build.build_teacher_cache` (memory-mapped)."""
+def file_checksum(path: str, chunk: int = 1 << 24) -> str:
+    """SHA-256 of a file's bytes, read in 16 MiB chunks (a large cache is never held in
+    memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_cache_files(path: str, manifest: Mapping[str, Any]) -> None:
+    """Compares every file listed in the manifest's ``checksums`` with its digest (streaming);
+    raises :class:`~jaxkd.config.ConfigError` naming the first damaged file. Caches built before
+    checksums were recorded are accepted with a warning."""
+    sums = manifest.get("checksums")
+    if sums is None:
+        warnings.warn(f"teacher cache {path!r} records no checksums (built by an older jaxkd); its files are "
+                      "used unverified. Rebuild it to have them checked.", RuntimeWarning, stacklevel=3)
+        return
+    for name, want in sorted(sums.items()):
+        file = os.path.join(path, name)
+        got = file_checksum(file) if os.path.exists(file) else "missing"
+        if got != want:
+            raise ConfigError(f"teacher cache file {file!r} is damaged (checksum {got}, the manifest records "
+                              f"{want}); rebuild the cache (jaxkd cache-teacher)")
+
+
+def open_teacher_cache(path: str, verify: bool = True) -> TeacherCache:
+    """Opens the cache folder written by :func:`jaxkd.train.cache_build.build_teacher_cache` (memory-mapped).
+
+    With ``verify`` (the default) every file is first checked against the checksums in the
+    manifest (:func:`verify_cache_files`); a damaged cache is refused."""
     manifest_file = os.path.join(path, MANIFEST)
     if not os.path.exists(manifest_file):
         raise ConfigError(f"config.teacher.cache={path!r}: no {MANIFEST} there; build the cache with "
@@ -312,6 +345,8 @@ def open_teacher_cache(path: str) -> TeacherCache:
     if manifest.get("format") not in (CACHE_FORMAT, TOPK_FORMAT):
         raise ConfigError(f"config.teacher.cache={path!r} has format {manifest.get('format')!r}; "
                                      f"this jaxkd reads formats {CACHE_FORMAT} and {TOPK_FORMAT}: rebuild it")
+    if verify:
+        verify_cache_files(path, manifest)
     spec = manifest["logits"]
     ids = np.load(os.path.join(path, spec["ids_file"]), allow_pickle=False)
     logits = np.load(os.path.join(path, spec["file"]), mmap_mode="r", allow_pickle=False)

@@ -150,6 +150,15 @@ MUTANTS = [
     ("refinery KL at T=4", "losses/logits.py",
      "return hinton_kd(student_logits, refinery_logits, 1.0, \"kl\")",
      "return hinton_kd(student_logits, refinery_logits, 4.0, \"kl\")", ["test_refinery.py"]),
+    # -- reliability (issue 20)
+    ("reliab: checksum mismatch ignored", "train/checkpoint.py", "            if got[path] != want[path]:\n",
+     "            if False:\n", ["test_reliability.py"]),
+    ("reliab: best steps ahead kept on fallback", "train/loop.py",
+     "        ckpt_lib.discard_steps_after(self.best.manager, self.step)\n", "        pass\n", ["test_reliability.py"]),
+    ("reliab: metrics not rewound on resume", "train/loop.py", "        self.logger.rewind(self.meta[\"history\"])\n",
+     "        pass\n", ["test_reliability.py"]),
+    ("reliab: teacher cache not verified", "train/teacher_cache.py",
+     "    if verify:\n        verify_cache_files(path, manifest)\n", "    pass\n", ["test_reliability.py"]),
 ]
 
 
