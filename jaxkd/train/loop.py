@@ -61,6 +61,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, allow
     accuracy, the teacher's accuracy, steps, throughput. ``stop_after_steps`` ends the run
     early (after a checkpoint), as if it had been killed; used by tests.
     """
+    setup_lib.apply_cpu_defaults()  # before the mesh creates the backend (no effect afterwards)
     config = ml_collections.ConfigDict(config.to_dict())
     mesh = step_lib.make_mesh(config.train.num_devices)
     config_lib.validate(config, num_devices=mesh.size)

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 
 import jaxkd.methods  # noqa: F401  (registers jaxkd's methods)
+from jaxkd import _xla_defaults
 from jaxkd import data as data_lib
 from jaxkd import models as models_lib
 from jaxkd.core import Recipe, build_recipe
@@ -389,8 +390,18 @@ class RunSetup:
                               self.state_sharding)
 
 
+def apply_cpu_defaults() -> bool:
+    """jaxkd's XLA:CPU defaults for a run (:mod:`jaxkd._xla_defaults`): added to ``XLA_FLAGS`` only
+    while the process has no JAX backend yet (``import jaxkd`` never does this)."""
+    return _xla_defaults.apply()
+
+
 def build_run(config: ml_collections.ConfigDict, mesh) -> RunSetup:
-    """Builds everything :func:`jaxkd.train.loop.train_and_evaluate` runs (see :class:`RunSetup`)."""
+    """Builds everything :func:`jaxkd.train.loop.train_and_evaluate` runs (see :class:`RunSetup`).
+
+    Applies jaxkd's XLA:CPU defaults first (:func:`apply_cpu_defaults`; they take effect only if
+    no JAX backend exists yet in the process)."""
+    apply_cpu_defaults()
     data = build_data(config)
     d = config.data
     steps_per_epoch = data_lib.steps_per_epoch(len(data.train), d.batch_size)
