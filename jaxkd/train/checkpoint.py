@@ -24,6 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxkd.errors import CheckpointError  # noqa: F401  (re-exported: jaxkd.train.checkpoint.CheckpointError)
+from jaxkd.train import keys as keys_lib
 
 
 def _barriers(directory: str) -> ocp.options.MultiprocessingOptions:
@@ -52,6 +53,7 @@ def best_manager(workdir: str) -> ocp.CheckpointManager:
 
 
 def save_run(manager: ocp.CheckpointManager, step: int, state, data_state: dict, meta: dict) -> None:
+    state = keys_lib.to_key_data(state)  # typed PRNG keys are stored as their raw key data
     manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
         meta=ocp.args.JsonSave(meta)), force=True)
@@ -139,8 +141,8 @@ def restore_latest(manager: ocp.CheckpointManager, state_template) -> tuple[int,
     failures = []
     for step in steps:
         try:
-            restored = _restore_run_step(manager, step, state_template(step) if callable(state_template)
-                                         else state_template)
+            template = state_template(step) if callable(state_template) else state_template
+            restored = _restore_run_step(manager, step, keys_lib.to_key_data(template))
         except Exception as e:  # noqa: BLE001 - any failure means "this step is unusable"
             msg = (f"checkpoint step {step} in {manager.directory} is unusable ({type(e).__name__}: "
                    f"{str(e)[:300]}); ")
@@ -155,7 +157,7 @@ def restore_latest(manager: ocp.CheckpointManager, state_template) -> tuple[int,
             warnings.warn(f"damaged checkpoint step {bad} moved to {moved}; resuming from step {step}",
                           RuntimeWarning, stacklevel=2)
         manager.reload()
-        return step, restored.state, restored.data, restored.meta
+        return step, keys_lib.wrap_like(restored.state, template), restored.data, restored.meta
     if failures:
         raise CheckpointError(
             f"none of the checkpoints in {manager.directory} could be restored "

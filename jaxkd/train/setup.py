@@ -155,7 +155,7 @@ def load_frozen(model, sample, workdir, checkpoint, dtype, what):
 
     A teacher computing in a half-precision ``dtype`` (``teacher.kwargs.dtype``) is also stored in
     it: half the memory, and the values its layers would cast to anyway."""
-    template = jax.jit(model.init)(jax.random.PRNGKey(0), sample)  # (eager Flax init is slow)
+    template = jax.jit(model.init)(jax.random.key(0), sample)  # (eager Flax init is slow)
     variables, meta = ckpt_lib.load_model_variables(workdir, template, checkpoint, what=what)
     if dtype is not None and jnp.dtype(dtype).itemsize < 4:
         variables = jax.tree.map(lambda v: v.astype(dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v,
@@ -427,11 +427,11 @@ def build_run(config: ml_collections.ConfigDict, mesh) -> RunSetup:
         teacher_vars = jax.device_put(teacher_vars, step_lib.replicated(mesh))
     if trains_teacher:
         joint_init, teacher_meta = joint_teacher_init(config, teacher, sample,
-                                                      jax.random.fold_in(jax.random.PRNGKey(config.seed), 1))
+                                                      jax.random.fold_in(jax.random.key(config.seed), 1))
     optimizers = [param_groups.make_optimizer(st.optim, r.aux_optim, steps_per_epoch, st.num_epochs)
                   for st, r in zip(stages, recipes)]
     labels = _train_labels(data.train) if any(r.init_state is not None for r in recipes) else None
-    state = step_lib.create_train_state(jax.random.PRNGKey(config.seed), student, recipes, optimizers[0][0], sample,
+    state = step_lib.create_train_state(jax.random.key(config.seed), student, recipes, optimizers[0][0], sample,
                                         teacher=teacher, teacher_variables=teacher_vars,
                                         trainable_teacher_variables=joint_init, num_train=len(data.train),
                                         train_labels=labels, num_classes=num_classes)
@@ -463,7 +463,7 @@ def build_eval(config, workdir: str, which: str = "best"):
                                               eval_split=d.eval_split, builder_kwargs=dict(d.builder_kwargs),
                                               download=d.download)
     model = create_model(config.model, "model", info.num_classes)
-    template = jax.jit(model.init)(jax.random.PRNGKey(0), sample_input(info))
+    template = jax.jit(model.init)(jax.random.key(0), sample_input(info))
     variables, meta = ckpt_lib.load_model_variables(workdir, template, which, what="student")
     pipeline = step_lib.InputPipeline(mean=tuple(info.mean), std=tuple(info.std))
     return info, eval_src, model, pipeline, variables, meta
