@@ -71,8 +71,8 @@ def test_linen_and_nnx_give_the_same_kd_steps(method):
     lp, ls = s_linen.params["student"], s_linen.model_state["student"]
     assert jax.tree.structure(lp) == jax.tree.structure(nnx_vars["params"])
     params = {**s_nnx.params, "student": lp}
-    s_nnx = s_nnx.replace(params=params, model_state={**s_nnx.model_state, "student": {"model_state": ls["batch_stats"]}},
-                          opt_state=tx.init(params), rng=s_linen.rng)
+    model_state = {**s_nnx.model_state, "student": {"model_state": ls["batch_stats"]}}
+    s_nnx = s_nnx.replace(params=params, model_state=model_state, opt_state=tx.init(params), rng=s_linen.rng)
 
     step_l = step_lib.make_train_step(linen, recipe, tx, pipeline, teacher=teacher, donate=False)
     step_n = step_lib.make_train_step(nnx_fns, recipe, tx, pipeline, teacher=teacher, donate=False)
