@@ -108,6 +108,10 @@ def test_wandb_offline_run_resumes_the_same_run(tmp_path, data_dir, monkeypatch)
     with open(os.path.join(wd, "metrics.jsonl")) as f:
         assert [json.loads(line)["step"] for line in f] == [2, 4, 6]
 
+    # a finished run started again trains nothing and opens no wandb run
+    train_and_evaluate(cfg, wd)
+    assert len(offline_runs(wd)) == 3
+
 
 def test_wandb_off_by_default(tmp_path, data_dir):
     wd = str(tmp_path / "run")

@@ -55,22 +55,32 @@ class WandbWriter:
             with open(id_path, "w") as f:
                 f.write(run_id + "\n")
         self.run_id = run_id
-        self.run = wandb.init(project=project or "jaxkd", name=name, id=run_id, resume="allow", config=config,
-                              dir=workdir)
-        self.run.define_metric("step")
-        self.run.define_metric("*", step_metric="step")
+        self._init = dict(project=project or "jaxkd", name=name, id=run_id, resume="allow", config=config,
+                          dir=workdir)
+        self.run = None  # started on the first record or summary (a finished run started again logs nothing)
+
+    def _start(self):
+        if self.run is None:
+            import wandb
+
+            self.run = wandb.init(**self._init)
+            self.run.define_metric("step")
+            self.run.define_metric("*", step_metric="step")
+        return self.run
 
     def write(self, record: dict) -> None:
         """Logs an epoch record's numbers at ``step=record["step"]``."""
         values = {k: v for k, v in record.items() if _is_number(v)}
         values["step"] = int(record["step"])
-        self.run.log(values)
+        self._start().log(values)
 
     def finish(self, summary: dict[str, Any] | None = None) -> None:
         """Writes ``summary`` into the wandb run's summary (numbers and strings) and ends the run."""
         if summary:
-            self.run.summary.update({k: v for k, v in summary.items() if _is_number(v) or isinstance(v, str)})
-        self.run.finish()
+            self._start().summary.update({k: v for k, v in summary.items() if _is_number(v) or isinstance(v, str)})
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
 
 
 def _is_number(v) -> bool:
