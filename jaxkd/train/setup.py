@@ -27,6 +27,7 @@ from jaxkd import models as models_lib
 from jaxkd.core import Recipe, build_recipe
 from jaxkd.errors import CheckpointError, ConfigError
 from jaxkd.train import checkpoint as ckpt_lib
+from jaxkd.train import keys as keys_lib
 from jaxkd.train import param_groups
 from jaxkd.train import step as step_lib
 from jaxkd.train import teacher_cache as cache_lib
@@ -437,7 +438,8 @@ def build_run(config: ml_collections.ConfigDict, mesh) -> RunSetup:
                                         train_labels=labels, num_classes=num_classes)
     recipes = [step_lib.resolve_trainable(r, student, state.student_variables(), sample) for r in recipes]
     sharding = step_lib.state_shardings(state, mesh, recipes)
-    state = jax.device_put(state, sharding)
+    # typed keys cannot be device_put onto devices of other processes: move the raw key data, wrap again
+    state = keys_lib.wrap_like(jax.device_put(keys_lib.to_key_data(state), sharding), state)
     return RunSetup(config=config, cfg_dict=json.loads(json.dumps(config.to_dict())), mesh=mesh, data=data,
                     steps_per_epoch=steps_per_epoch, stages=stages, recipes=recipes, optimizers=optimizers,
                     student=student, teacher=teacher, teacher_variables=teacher_vars, teacher_meta=teacher_meta,
