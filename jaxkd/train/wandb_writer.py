@@ -41,7 +41,7 @@ class WandbWriter:
 
     def __init__(self, workdir: str, config: dict, project: str | None = None, name: str | None = None):
         try:
-            import wandb
+            import wandb  # noqa: F401  (checked here, used when the run starts)
         except ImportError:
             raise ConfigError("config.train.wandb=True needs the wandb package: pip install 'jaxkd[wandb]' "
                               "(or pip install wandb)") from None
