@@ -100,7 +100,9 @@ def test_wandb_offline_run_resumes_the_same_run(tmp_path, data_dir, monkeypatch)
     # a resume that falls back to an older checkpoint (the newest one is gone): epoch 3 is redone
     # and logged again at step 6; metrics.jsonl keeps one record of it
     shutil.rmtree(os.path.join(wd, "checkpoints", "6"))
-    shutil.rmtree(os.path.join(wd, "best", "6"), ignore_errors=True)  # (epoch 3's best copy, if it was best)
+    # (epoch 3's best copy too: a redone epoch picked as best again cannot be saved over an existing
+    # best/6 today, StepAlreadyExistsError in checkpoint.save_best; reported, outside this test's scope)
+    shutil.rmtree(os.path.join(wd, "best", "6"), ignore_errors=True)
     train_and_evaluate(cfg, wd)
     runs = offline_runs(wd)
     assert [r[0] for r in runs] == [run_id] * 3
