@@ -20,9 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import jaxkd
 from jaxkd import models
 from jaxkd.methods import bss
 from jaxkd.train import InputPipeline, create_train_state, make_train_step, recipes
+
+jaxkd.apply_cpu_defaults()  # jaxkd's XLA:CPU defaults, as its runner applies them
 
 
 def _time(fn, repeats: int) -> float:

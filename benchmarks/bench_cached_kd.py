@@ -30,10 +30,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import jaxkd
 from jaxkd import models
 from jaxkd.train import recipes
 from jaxkd.train import step as step_lib
 from jaxkd.train.teacher_cache import TeacherCache
+
+jaxkd.apply_cpu_defaults()  # jaxkd's XLA:CPU defaults, as its runner applies them
 
 NUM_CLASSES, NUM_EXAMPLES = 100, 50_000
 MEAN, STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)

@@ -24,7 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import jaxkd  # noqa: F401  (applies jaxkd's XLA defaults before the backend starts)
+import jaxkd
+
+jaxkd.apply_cpu_defaults()  # jaxkd's XLA defaults, before the backend starts (import alone changes nothing)
 from jaxkd._xla_defaults import eval_compiler_options
 from jaxkd.models import create_model
 from jaxkd.train import step as step_lib

@@ -239,6 +239,9 @@ def worker(args) -> None:
 
     jax.monitoring.register_event_duration_secs_listener(_on_event)
 
+    import jaxkd
+
+    jaxkd.apply_cpu_defaults()  # jaxkd's XLA:CPU defaults (no longer applied by `import jaxkd`)
     from jaxkd.models import count_params, create_model
     from jaxkd.train import optim, recipes
     from jaxkd.train import step as step_lib

@@ -36,6 +36,10 @@ def _tree_bytes(tree) -> int:
 def child(kind: str, devices: int, batch: int, steps: int) -> dict:
     import jax
 
+    import jaxkd
+
+    jaxkd.apply_cpu_defaults()  # jaxkd's XLA:CPU defaults, as its runner applies them
+
     sys.path.insert(0, HERE)
     from bench_cached_kd import build_rows
 

@@ -168,6 +168,9 @@ def worker_jax(args, configs) -> None:
     import jax
     import jax.numpy as jnp
 
+    import jaxkd
+
+    jaxkd.apply_cpu_defaults()  # as jaxkd's runner does (CPU only; nothing changes on a GPU)
     from jaxkd.models import count_params, create_model
     from jaxkd.train import optim, recipes
     from jaxkd.train import step as step_lib

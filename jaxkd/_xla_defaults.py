@@ -1,4 +1,10 @@
-"""Default XLA:CPU flags, applied when jaxkd is imported (before the first computation).
+"""Default XLA:CPU flags for jaxkd's runs, applied where a run starts, never at import.
+
+``import jaxkd`` changes no global state. The runner applies :func:`apply` before it computes
+anything: ``jaxkd`` on the command line (:func:`jaxkd.cli.run`) and
+:func:`jaxkd.train.loop.train_and_evaluate` / :func:`jaxkd.train.setup.build_run` (which only
+take effect when no JAX backend exists yet in the process). A library user who builds steps
+themselves opts in with ``jaxkd.apply_cpu_defaults()`` before their first JAX computation.
 
 With jaxlib 0.10.x, XLA:CPU hands convolutions to YNNPACK by default; on the 2-core AVX2
 machines this project is measured on, XLA's own convolutions make the KD step 2.1-2.5x faster
@@ -34,9 +40,28 @@ def _jaxlib_version() -> str | None:
         return None
 
 
+def backends_initialized() -> bool:
+    """Whether this process already created its JAX backends (``XLA_FLAGS`` is read then, once)."""
+    import sys
+
+    if "jax" not in sys.modules:
+        return False
+    try:
+        from jax._src import xla_bridge
+        return bool(xla_bridge.backends_are_initialized())
+    except Exception:  # noqa: BLE001 - private API moved: assume the worst (flags would be ignored)
+        return True
+
+
 def apply() -> bool:
-    """Adds :data:`CPU_CONV_FLAG` to ``XLA_FLAGS`` when safe; returns whether it did."""
+    """Adds :data:`CPU_CONV_FLAG` to ``XLA_FLAGS`` when safe; returns whether it did.
+
+    Changes nothing when ``JAXKD_NO_XLA_DEFAULTS`` is set, when the user's ``XLA_FLAGS`` already
+    set the option, for unchecked jaxlib versions, and once the process's JAX backends exist (the
+    flag could no longer take effect, so the environment is left as it is)."""
     if os.environ.get("JAXKD_NO_XLA_DEFAULTS"):
+        return False
+    if backends_initialized():
         return False
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_cpu_experimental_ynn_fusion_type" in flags:

@@ -93,6 +93,9 @@ def _parse_sweep(items: list[str]) -> dict:
 
 
 def run(argv: list[str] | None = None) -> int:
+    from jaxkd import _xla_defaults
+
+    _xla_defaults.apply()  # jaxkd's XLA:CPU defaults, before JAX creates its backend
     parser = _parser()
     # Overrides may come before or after options: collect stray key=value items too.
     args, extra = parser.parse_known_args(argv)

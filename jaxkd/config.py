@@ -66,6 +66,8 @@ def base_config() -> ml_collections.ConfigDict:
         num_epochs=10, eval_every_epochs=1, checkpoint_every_steps=0, keep_checkpoints=3,
         max_inflight_steps=2, num_devices=None, progress=True, log_every_steps=50,
         tensorboard=True,
+        # optional Weights & Biases run (jaxkd/train/wandb_writer.py; pip install 'jaxkd[wandb]')
+        wandb=False, wandb_project=None, wandb_name=None,
         # a step with a non-finite loss or gradient: "stop" the run, or "skip" it (no update,
         # counted in metrics) and stop only after max_consecutive_skips skipped steps in a row
         on_nonfinite="stop", max_consecutive_skips=20))

@@ -188,7 +188,45 @@ def format_table(rows: list[dict], config=None) -> str:
     for r in rows:
         lines.append(f"| {r['run']} | {r['model']} | {r['seeds']} | {100 * r['best_mean']:.2f} ± "
                      f"{100 * r['best_std']:.2f} | {100 * r['last_mean']:.2f} ± {100 * r['last_std']:.2f} |")
+    lifts = [(r["run"], paired_lift(base, r)) for base in rows if base["run"] == "baseline"
+             for r in rows if r["run"] not in ("teacher", "baseline")]
+    lifts = [(name, lift) for name, lift in lifts if lift is not None]
+    if lifts:
+        lines += ["", "lift over the baseline, paired by seed (same seed: same init and data order), best acc:", "",
+                  "| run | seeds | lift, points (mean ± std of per-seed differences) | ± s.e. | seeds improved |",
+                  "|---|---|---|---|---|"]
+        for name, lift in lifts:
+            lines.append(f"| {name} | {lift['n']} | {lift['mean']:+.2f} ± {lift['std']:.2f} | {lift['sem']:.2f} | "
+                         f"{lift['improved']}/{lift['n']} |")
+        lines.append("")
+        lines += [_lift_sentence(name, lift) for name, lift in lifts]
     return head + "\n".join(lines)
+
+
+def paired_lift(baseline: dict, row: dict, key: str = "best_accuracy") -> dict | None:
+    """Per-seed differences ``row - baseline`` in accuracy points, over the seeds both rows ran:
+    ``{"n", "mean", "std", "sem", "improved", "diffs"}`` (``std`` of the differences, ``sem`` =
+    std / sqrt(n), ``improved`` = seeds with a positive difference); ``None`` without common seeds."""
+    base = {s["seed"]: s[key] for s in baseline["summaries"] if s.get(key) is not None}
+    diffs = [100 * (s[key] - base[s["seed"]]) for s in row["summaries"]
+             if s.get(key) is not None and s["seed"] in base]
+    if not diffs:
+        return None
+    mean, std = _mean_std(diffs)
+    return {"n": len(diffs), "mean": mean, "std": std, "sem": std / len(diffs) ** 0.5,
+            "improved": sum(d > 0 for d in diffs), "diffs": diffs}
+
+
+def _lift_sentence(name: str, lift: dict) -> str:
+    """One line saying whether the lift is resolved: the mean difference against twice its standard
+    error (about a 95% interval for normal per-seed noise) and the count of seeds improved."""
+    if lift["n"] < 2:
+        return f"{name}: one seed only, the lift's uncertainty is unknown (run more seeds: --seeds 0,1,2)."
+    lo, hi = lift["mean"] - 2 * lift["sem"], lift["mean"] + 2 * lift["sem"]
+    verdict = ("resolved: the interval excludes 0" if lo > 0 or hi < 0
+               else "not resolved: the interval includes 0 (more seeds, or a setting where the teacher knows more)")
+    return (f"{name}: {lift['mean']:+.2f} points (mean ± 2 s.e.: [{lo:+.2f}, {hi:+.2f}]), "
+            f"{lift['improved']} of {lift['n']} seeds improved; {verdict}.")
 
 
 def plot_curves(workdir: str, names: list[str], teacher_dir: str | None = None) -> str | None:

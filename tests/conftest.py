@@ -23,6 +23,13 @@ TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
 if os.environ.get("JAXKD_TEST_FULL_XLA_OPT") is None and TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + TEST_XLA_FLAGS).strip()
 
+# jaxkd's runner adds its XLA:CPU defaults when it starts, if no computation ran before in the process
+# (`import jaxkd` changes nothing). The suite adds them once, up front, so that every test and every
+# process a test starts (through XLA_FLAGS) computes with the same flags, whatever ran first.
+import jaxkd  # noqa: E402
+
+jaxkd.apply_cpu_defaults()
+
 
 def child_xla_flags() -> str:
     """``XLA_FLAGS`` for a child process of a test: the suite's settings without any device count."""

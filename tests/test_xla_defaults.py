@@ -1,14 +1,18 @@
-"""The default XLA:CPU flag is applied only where it was checked, and never overrides the user."""
+"""The default XLA:CPU flag is applied only where it was checked, never overrides the user, and
+only where a run starts (the CLI, the runner, ``jaxkd.apply_cpu_defaults()``), never at import."""
 
 import os
 import subprocess
 import sys
+
+import pytest
 
 from jaxkd import _xla_defaults
 
 
 def test_apply_respects_user_and_opt_out(monkeypatch):
     monkeypatch.setattr(_xla_defaults, "_jaxlib_version", lambda: "0.10.2")
+    monkeypatch.setattr(_xla_defaults, "backends_initialized", lambda: False)
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
     monkeypatch.delenv("JAXKD_NO_XLA_DEFAULTS", raising=False)
     assert _xla_defaults.apply()
@@ -24,9 +28,40 @@ def test_apply_respects_user_and_opt_out(monkeypatch):
     assert not _xla_defaults.apply() and os.environ["XLA_FLAGS"] == ""
 
 
+def test_apply_does_nothing_once_the_backend_exists(monkeypatch):
+    """XLA reads XLA_FLAGS once: after the backend exists the flag cannot act, so it is not added."""
+    monkeypatch.setattr(_xla_defaults, "_jaxlib_version", lambda: "0.10.2")
+    monkeypatch.setattr(_xla_defaults, "backends_initialized", lambda: True)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    monkeypatch.delenv("JAXKD_NO_XLA_DEFAULTS", raising=False)
+    assert not _xla_defaults.apply()
+    import jaxkd
+    with pytest.warns(RuntimeWarning, match="before the first JAX computation"):
+        assert not jaxkd.apply_cpu_defaults()
+    assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8"
+
+
+IMPORTS = ("import jaxkd; import jaxkd.losses; import jaxkd.methods; import jaxkd.models; import jaxkd.train; "
+           "import jaxkd.core; import jaxkd.config; import jaxkd.experiment; import jax.numpy as jnp; "
+           "float(jnp.ones(2).sum())")
+
+
+@pytest.mark.parametrize("flags", [None, "--xla_backend_optimization_level=0"])
+def test_import_leaves_xla_flags_untouched(flags):
+    """``import jaxkd`` (and its public modules, and a first computation) changes no XLA_FLAGS."""
+    code = f"import os, sys; {IMPORTS}; print(repr(os.environ.get('XLA_FLAGS')))"
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAXKD_NO_XLA_DEFAULTS")}
+    if flags is not None:
+        env["XLA_FLAGS"] = flags
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == repr(flags)
+
+
 def test_flag_is_accepted_by_the_installed_jaxlib():
-    """XLA aborts on unknown flags: a fresh process importing jaxkd must compute normally."""
-    code = "import jaxkd, jax.numpy as jnp, os; print(float(jnp.ones(3).sum())); print(os.environ.get('XLA_FLAGS'))"
+    """XLA aborts on unknown flags: a fresh process that opts in must compute normally."""
+    code = ("import jaxkd, os; jaxkd.apply_cpu_defaults(); import jax.numpy as jnp; "
+            "print(float(jnp.ones(3).sum())); print(os.environ.get('XLA_FLAGS'))")
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAXKD_NO_XLA_DEFAULTS")}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -59,7 +94,6 @@ def test_eval_step_compiles_without_library_fusions_and_same_numbers():
     import jax
     import jax.numpy as jnp
     import numpy as np
-    import pytest
 
     from jaxkd.models import create_model
     from jaxkd.train import step as step_lib

@@ -15,7 +15,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from jaxkd.models.base import ApplyOutput, ModelFns, Variables, split_model_output
+from jaxkd.models.base import ApplyOutput, ModelFns, Variables, _add_sown, split_model_output
 
 Array = jax.Array
 
@@ -53,8 +53,12 @@ def from_nnx(module: nnx.Module, name: str) -> tuple[ModelFns, Variables]:
       rng=None)`` returns ``(logits, features, new_model_state)``: in train mode
       ``new_model_state`` holds the updated BatchNorm statistics and RNG counts, in eval mode
       it is the input state. A given ``rng`` reseeds the module's ``"dropout"`` stream.
-      ``features`` has ``"logits"`` plus whatever the module returned; return
-      ``(logits, {"embedding": pooled})`` to support embedding-based losses.
+      ``features`` has ``"logits"`` plus whatever the module returned, plus every value it
+      ``sow``s as an ``nnx.Intermediate`` (the call runs under ``nnx.capture``), keyed by
+      attribute path: ``self.sow(nnx.Intermediate, "out", h)`` in ``self.block1`` gives the
+      tap ``"block1/out"``, in the top module ``"out"`` (a value sown ``n`` times:
+      ``"out/0"`` .. ``"out/n-1"``). Return ``(logits, {"embedding": pooled})`` to support
+      embedding-based losses.
     """
     graphdef, params, rest = nnx.split(module, nnx.Param, ...)
     params_template, rest_template = _abstract(params), _abstract(rest)
@@ -82,7 +86,11 @@ def from_nnx(module: nnx.Module, name: str) -> tuple[ModelFns, Variables]:
             model.eval()
         if rng is not None:
             nnx.reseed(model, dropout=rng)
-        logits, features = split_model_output(model(x))
+        out, sown = nnx.capture(model, nnx.Intermediate)(x)
+        logits, features = split_model_output(out)
+        sown = nnx.to_pure_dict(sown)
+        if sown:
+            _add_sown(features, {"intermediates": sown}, name)
         if train and state:
             _, _, new_rest = nnx.split(model, nnx.Param, ...)
             state = {**state, "model_state": nnx.to_pure_dict(new_rest)}

@@ -36,6 +36,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from jaxkd.errors import CheckpointError  # noqa: F401  (re-exported: jaxkd.train.checkpoint.CheckpointError)
+from jaxkd.train import keys as keys_lib
 
 
 def _barriers(directory: str) -> ocp.options.MultiprocessingOptions:
@@ -202,6 +203,7 @@ def best_manager(workdir: str) -> ocp.CheckpointManager:
 
 def save_run(manager: ocp.CheckpointManager, step: int, state, data_state: dict, meta: dict) -> None:
     """Saves a run checkpoint (asynchronously) with the checksums of all its items."""
+    state = keys_lib.to_key_data(state)  # typed PRNG keys are stored as their raw key data
     sums = checksums_of(step, {"state": state}, {"data": data_state, "meta": meta})
     manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
@@ -292,8 +294,8 @@ def restore_latest(manager: ocp.CheckpointManager, state_template) -> tuple[int,
     steps = sorted(manager.all_steps(), reverse=True)
     failures = []
     for step in steps:
-        restored, problem = _restore_verified_run_step(
-            manager, step, state_template(step) if callable(state_template) else state_template)
+        template = state_template(step) if callable(state_template) else state_template
+        restored, problem = _restore_verified_run_step(manager, step, keys_lib.to_key_data(template))
         if problem is not None:
             msg = f"checkpoint step {step} in {manager.directory} is unusable ({problem}); "
             msg += "trying an older one" if step != steps[-1] else "no older checkpoint left"
@@ -308,7 +310,7 @@ def restore_latest(manager: ocp.CheckpointManager, state_template) -> tuple[int,
                           RuntimeWarning, stacklevel=2)
         _sync("jaxkd.restore_latest.set_aside")
         manager.reload()
-        return step, restored.state, restored.data, restored.meta
+        return step, keys_lib.wrap_like(restored.state, template), restored.data, restored.meta
     if failures:
         raise CheckpointError(
             f"none of the checkpoints in {manager.directory} could be restored "
@@ -371,7 +373,7 @@ def newest_verified_step(manager: ocp.CheckpointManager, state_template) -> int 
         template = state_template(step) if callable(state_template) else state_template
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            _, problem = _restore_verified_run_step(manager, step, template)
+            _, problem = _restore_verified_run_step(manager, step, keys_lib.to_key_data(template))
         if problem is None:
             return step
     return None

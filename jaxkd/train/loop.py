@@ -39,6 +39,7 @@ from jaxkd.train import checkpoint as ckpt_lib
 from jaxkd.train import joint_teacher as joint_lib
 from jaxkd.train import setup as setup_lib
 from jaxkd.train import step as step_lib
+from jaxkd.train import wandb_writer as wandb_lib
 from jaxkd.train.evaluation import evaluate, evaluate_for_selection  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, allow
     accuracy, the teacher's accuracy, steps, throughput. ``stop_after_steps`` ends the run
     early (after a checkpoint), as if it had been killed; used by tests.
     """
+    setup_lib.apply_cpu_defaults()  # before the mesh creates the backend (no effect afterwards)
     config = ml_collections.ConfigDict(config.to_dict())
     mesh = step_lib.make_mesh(config.train.num_devices)
     config_lib.validate(config, num_devices=mesh.size)
@@ -98,7 +100,8 @@ class Trainer:
         self.teacher_meta = run.teacher_meta
         self.run_mgr = ckpt_lib.run_manager(workdir, cfg.train.keep_checkpoints)
         self.best = ckpt_lib.BestCheckpoint(workdir)
-        self.logger = MetricLogger(workdir, cfg.train.tensorboard)
+        self.logger = MetricLogger(workdir, cfg.train.tensorboard,
+                                   wandb_lib.from_config(cfg.train, workdir, run.cfg_dict))
         self.train_iter = data_lib.train_batches(data.train, cfg.data.batch_size, seed=cfg.seed,
                                                  shard_index=jax.process_index(), shard_count=jax.process_count())
         self.state, self.step, self.state_stage = run.initial_state, 0, 0
@@ -313,6 +316,7 @@ class Trainer:
         if self.eval_step is not None and jax.process_index() == 0:  # (a finished run's rerun writes nothing)
             with open(os.path.join(self.workdir, "summary.json"), "w") as f:
                 json.dump(summary, f, indent=2)
+        self.logger.finish(summary if self.eval_step is not None else None)
         return summary
 
     # -- helpers ------------------------------------------------------------------------------
@@ -464,10 +468,12 @@ def config_differences(old: dict, new: dict, keys=RESUME_KEYS) -> list[str]:
 
 
 class MetricLogger:
-    """Writes per-epoch metrics to ``metrics.jsonl`` and TensorBoard event files."""
+    """Writes per-epoch metrics to ``metrics.jsonl``, TensorBoard event files and, when given, a
+    wandb run (:mod:`jaxkd.train.wandb_writer`)."""
 
-    def __init__(self, workdir: str, tensorboard: bool = True):
+    def __init__(self, workdir: str, tensorboard: bool = True, wandb=None):
         self.path = os.path.join(workdir, "metrics.jsonl")
+        self.wandb = wandb
         self.tb = None
         if tensorboard and jax.process_index() == 0:
             try:
@@ -510,6 +516,14 @@ class MetricLogger:
             for record in history:
                 self._add_scalars(record)
             self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.write(record)
+
+    def finish(self, summary: dict | None) -> None:
+        """Ends the wandb run (with the run's summary when training ran)."""
+        if self.wandb is not None:
+            self.wandb.finish(summary)
+            self.wandb = None
 
     def close(self):
         if self.tb is not None:

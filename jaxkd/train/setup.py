@@ -21,11 +21,13 @@ import jax.numpy as jnp
 import ml_collections
 
 import jaxkd.methods  # noqa: F401  (registers jaxkd's methods)
+from jaxkd import _xla_defaults
 from jaxkd import data as data_lib
 from jaxkd import models as models_lib
 from jaxkd.core import Recipe, build_recipe
 from jaxkd.errors import CheckpointError, ConfigError
 from jaxkd.train import checkpoint as ckpt_lib
+from jaxkd.train import keys as keys_lib
 from jaxkd.train import param_groups
 from jaxkd.train import step as step_lib
 from jaxkd.train import teacher_cache as cache_lib
@@ -154,7 +156,7 @@ def load_frozen(model, sample, workdir, checkpoint, dtype, what):
 
     A teacher computing in a half-precision ``dtype`` (``teacher.kwargs.dtype``) is also stored in
     it: half the memory, and the values its layers would cast to anyway."""
-    template = jax.jit(model.init)(jax.random.PRNGKey(0), sample)  # (eager Flax init is slow)
+    template = jax.jit(model.init)(jax.random.key(0), sample)  # (eager Flax init is slow)
     variables, meta = ckpt_lib.load_model_variables(workdir, template, checkpoint, what=what)
     if dtype is not None and jnp.dtype(dtype).itemsize < 4:
         variables = jax.tree.map(lambda v: v.astype(dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v,
@@ -389,8 +391,18 @@ class RunSetup:
                               self.state_sharding)
 
 
+def apply_cpu_defaults() -> bool:
+    """jaxkd's XLA:CPU defaults for a run (:mod:`jaxkd._xla_defaults`): added to ``XLA_FLAGS`` only
+    while the process has no JAX backend yet (``import jaxkd`` never does this)."""
+    return _xla_defaults.apply()
+
+
 def build_run(config: ml_collections.ConfigDict, mesh) -> RunSetup:
-    """Builds everything :func:`jaxkd.train.loop.train_and_evaluate` runs (see :class:`RunSetup`)."""
+    """Builds everything :func:`jaxkd.train.loop.train_and_evaluate` runs (see :class:`RunSetup`).
+
+    Applies jaxkd's XLA:CPU defaults first (:func:`apply_cpu_defaults`; they take effect only if
+    no JAX backend exists yet in the process)."""
+    apply_cpu_defaults()
     data = build_data(config)
     d = config.data
     copies = d.get("copies", 1)
@@ -421,17 +433,18 @@ def build_run(config: ml_collections.ConfigDict, mesh) -> RunSetup:
         teacher_vars = jax.device_put(teacher_vars, step_lib.replicated(mesh))
     if trains_teacher:
         joint_init, teacher_meta = joint_teacher_init(config, teacher, sample,
-                                                      jax.random.fold_in(jax.random.PRNGKey(config.seed), 1))
+                                                      jax.random.fold_in(jax.random.key(config.seed), 1))
     optimizers = [param_groups.make_optimizer(st.optim, r.aux_optim, steps_per_epoch, st.num_epochs)
                   for st, r in zip(stages, recipes)]
     labels = _train_labels(data.train) if any(r.init_state is not None for r in recipes) else None
-    state = step_lib.create_train_state(jax.random.PRNGKey(config.seed), student, recipes, optimizers[0][0], sample,
+    state = step_lib.create_train_state(jax.random.key(config.seed), student, recipes, optimizers[0][0], sample,
                                         teacher=teacher, teacher_variables=teacher_vars,
                                         trainable_teacher_variables=joint_init, num_train=len(data.train),
                                         train_labels=labels, num_classes=num_classes)
     recipes = [step_lib.resolve_trainable(r, student, state.student_variables(), sample) for r in recipes]
     sharding = step_lib.state_shardings(state, mesh, recipes)
-    state = jax.device_put(state, sharding)
+    # typed keys cannot be device_put onto devices of other processes: move the raw key data, wrap again
+    state = keys_lib.wrap_like(jax.device_put(keys_lib.to_key_data(state), sharding), state)
     return RunSetup(config=config, cfg_dict=json.loads(json.dumps(config.to_dict())), mesh=mesh, data=data,
                     steps_per_epoch=steps_per_epoch, stages=stages, recipes=recipes, optimizers=optimizers,
                     student=student, teacher=teacher, teacher_variables=teacher_vars, teacher_meta=teacher_meta,
@@ -457,7 +470,7 @@ def build_eval(config, workdir: str, which: str = "best"):
                                               eval_split=d.eval_split, builder_kwargs=dict(d.builder_kwargs),
                                               download=d.download)
     model = create_model(config.model, "model", info.num_classes)
-    template = jax.jit(model.init)(jax.random.PRNGKey(0), sample_input(info))
+    template = jax.jit(model.init)(jax.random.key(0), sample_input(info))
     variables, meta = ckpt_lib.load_model_variables(workdir, template, which, what="student")
     pipeline = step_lib.InputPipeline(mean=tuple(info.mean), std=tuple(info.std))
     return info, eval_src, model, pipeline, variables, meta

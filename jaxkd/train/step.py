@@ -36,7 +36,8 @@ class TrainState:
     params: Any          # {"student": student params, "aux": recipes' auxiliary params}
     model_state: Any     # {"student": {"batch_stats": ...}, "aux": auxiliary modules' collections}
     opt_state: Any
-    rng: jax.Array       # raw uint32 PRNG key, folded with the step each step
+    rng: jax.Array       # typed PRNG key (jax.random.key; raw uint32 data also works), folded with
+                         # the step each step; checkpoints store its key data (jaxkd.train.keys)
     recipe_state: Any = flax.struct.field(default_factory=dict)  # {recipe name: its state} (Recipe.init_state)
 
     def student_variables(self) -> dict:
@@ -212,7 +213,7 @@ def params_feeding(student: ModelFns, variables, sample_input, tap: str) -> froz
 
     params = variables["params"]
     rest = {k: v for k, v in variables.items() if k != "params"}
-    x = jax.random.normal(jax.random.PRNGKey(0), (2, *sample_input.shape[1:]), jnp.float32)
+    x = jax.random.normal(jax.random.key(0), (2, *sample_input.shape[1:]), jnp.float32)
 
     def f(p):
         _, feats, _ = student.apply({"params": p, **rest}, x, train=False)
