@@ -490,6 +490,8 @@ class MetricLogger:
         if self.tb is not None:
             self._add_scalars(record)
             self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.write(record)
 
     def _add_scalars(self, record: dict) -> None:
         for k, v in record.items():
@@ -516,8 +518,7 @@ class MetricLogger:
             for record in history:
                 self._add_scalars(record)
             self.tb.flush()
-        if self.wandb is not None:
-            self.wandb.write(record)
+        # wandb keeps what it was sent: the redone steps are logged again with the same numbers
 
     def finish(self, summary: dict | None) -> None:
         """Ends the wandb run (with the run's summary when training ran)."""

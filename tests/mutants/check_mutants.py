@@ -185,7 +185,11 @@ def run(mutant, tmp: str) -> tuple[bool, float, str]:
                           cwd=work, env=env, capture_output=True, text=True, timeout=1800)
     shutil.rmtree(work, ignore_errors=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("FAILED")]
-    return proc.returncode != 0, time.time() - start, (lines[0] if lines else proc.stdout.strip().splitlines()[-1])
+    # killed only if a test failed (exit code 1); a collection error (2) or no tests (5) is not a kill
+    if proc.returncode not in (0, 1):
+        raise SystemExit(f"mutant {name!r}: pytest exited {proc.returncode} (not a test failure): "
+                         f"{proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-500:]}")
+    return proc.returncode == 1, time.time() - start, (lines[0] if lines else proc.stdout.strip().splitlines()[-1])
 
 
 def main(argv=None) -> int:
