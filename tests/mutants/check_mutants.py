@@ -185,11 +185,12 @@ def run(mutant, tmp: str) -> tuple[bool, float, str]:
                           cwd=work, env=env, capture_output=True, text=True, timeout=1800)
     shutil.rmtree(work, ignore_errors=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("FAILED")]
-    # killed only if a test failed (exit code 1); a collection error (2) or no tests (5) is not a kill
-    if proc.returncode not in (0, 1):
-        raise SystemExit(f"mutant {name!r}: pytest exited {proc.returncode} (not a test failure): "
-                         f"{proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-500:]}")
-    return proc.returncode == 1, time.time() - start, (lines[0] if lines else proc.stdout.strip().splitlines()[-1])
+    # killed only if a test failed; a collection error or no tests collected is not a kill
+    last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-500:]
+    failed = " failed" in last and proc.returncode != 0
+    if proc.returncode != 0 and not failed:
+        raise SystemExit(f"mutant {name!r}: pytest exited {proc.returncode} without a test failure: {last}")
+    return failed, time.time() - start, (lines[0] if lines else last)
 
 
 def main(argv=None) -> int:
