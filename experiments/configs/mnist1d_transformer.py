@@ -15,7 +15,6 @@ The limited-data variant is ``data.num_train_examples=1000``.
 import importlib.util
 import os
 
-from jaxkd.config import base_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PATCH = (4, 1)
@@ -27,23 +26,11 @@ def get_config():
     spec = importlib.util.spec_from_file_location("_fashion_vit", os.path.join(HERE, "fashion_vit.py"))
     fashion_vit = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(fashion_vit)
-    c = base_config()
+    # everything as the Fashion-MNIST ViT config (AdamW 1e-3, cosine, KD defaults) but data, patches, epochs
+    c = fashion_vit.get_config()
     c.data.name = "mnist1d"
-    c.data.batch_size = 128
-    c.data.eval_batch_size = 500
-    c.teacher.name = "vit_teacher"
     c.teacher.kwargs = {"patch_size": PATCH}
-    c.model.name = "vit_student"
     c.model.kwargs = {"patch_size": PATCH}
-    c.method.name = "hinton_kd"
-    c.method.temperature = 4.0
-    c.method.alpha = 0.9
-    c.method.gamma = 0.1
-    c.optim.name = "adamw"
-    c.optim.lr = 1e-3
-    c.optim.weight_decay = 0.05
-    c.optim.schedule = "cosine"
-    c.optim.warmup_epochs = 1.0
     c.train.num_epochs = EPOCHS
     c.presets = fashion_vit.transformer_presets(EPOCHS, INTERMEDIATE)
     return c
