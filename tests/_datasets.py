@@ -51,3 +51,49 @@ def prepare(data_dir: str) -> str:
     if not builder.is_prepared():
         builder.download_and_prepare(download_config=_base.offline_download_config())
     return "weighted_digits"
+
+
+TOKEN_VOCAB, TOKEN_MAX_LEN, TOKEN_MARK = 12, 12, 5
+
+
+def padded_token_examples(n: int, offset: int = 0):
+    """Variable-length id sequences (ids 1..11, padded with 0 to 12 tokens; lengths 3..12) and
+    the label "id 5 is among the real tokens" (about half of each split)."""
+    rng = np.random.default_rng(offset)
+    lengths = rng.integers(3, TOKEN_MAX_LEN + 1, n)
+    ids = rng.choice([i for i in range(1, TOKEN_VOCAB) if i != TOKEN_MARK], size=(n, TOKEN_MAX_LEN)).astype(np.int32)
+    labels = rng.integers(0, 2, n)
+    for i in np.flatnonzero(labels):
+        ids[i, rng.integers(0, lengths[i])] = TOKEN_MARK
+    ids[np.arange(TOKEN_MAX_LEN)[None, :] >= lengths[:, None]] = 0
+    return ids, labels
+
+
+class PaddedTokens(_base.ArrayRecordBuilder):
+    """Padded integer token sequences (tests of the token-id path only)."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    pkg_dir_path = __import__("etils").epath.Path(__file__).parent
+
+    def _info(self):
+        return self.dataset_info_from_configs(
+            features=tfds.features.FeaturesDict({
+                "image": tfds.features.Tensor(shape=(TOKEN_MAX_LEN,), dtype=np.int32),
+                "label": tfds.features.ClassLabel(num_classes=2),
+                "id": tfds.features.Tensor(shape=(), dtype=np.int64),
+            }),
+            supervised_keys=("image", "label"), disable_shuffling=True)
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples(256, 0), "test": self._generate_examples(128, 1000)}
+
+    def _generate_examples(self, n, offset):
+        ids, labels = padded_token_examples(n, offset)
+        return _base.generate_split(ids, labels)
+
+
+def prepare_tokens(data_dir: str) -> str:
+    builder = tfds.builder("padded_tokens", data_dir=data_dir)
+    if not builder.is_prepared():
+        builder.download_and_prepare(download_config=_base.offline_download_config())
+    return "padded_tokens"

@@ -73,8 +73,12 @@ def normalize(images: jax.Array, mean: Sequence[float], std: Sequence[float]) ->
     """``(x - mean) / std`` per channel (last axis), as float32.
 
     ``uint8`` images are first scaled to [0, 1] (``/ 255``); float images are used as they are.
+    Any other integer dtype holds token ids (a sequence data set, ``DatasetInfo.image_dtype ==
+    "int32"``): they are returned unchanged, as int32, and ``mean``/``std`` are not used.
     """
     x = jnp.asarray(images)
+    if jnp.issubdtype(x.dtype, jnp.integer) and x.dtype != jnp.uint8:
+        return x.astype(jnp.int32)
     if x.dtype == jnp.uint8:
         x = x.astype(jnp.float32) / 255.0
     else:

@@ -2,7 +2,7 @@
 
 ``load_dataset(name)`` returns ``(DatasetInfo, train Source, eval Source)``:
 
-* ``name`` is a jaxkd built-in (``digits``, ``fashion_mnist_local``, ``mnist1d``: prepared
+* ``name`` is a jaxkd built-in (``digits``, ``fashion_mnist_local``, ``mnist1d``, ``mnist1d_tokens``: prepared
   offline on first use) or any tfds catalog name (``cifar10``, ``cifar100``,
   ``fashion_mnist``, ...), read through ``tfds.data_source`` from ``array_record`` files.
 * A ``Source`` has ``len``, ``source[i] -> {"image": ndarray, "label": int, "id": int}`` and a
@@ -66,7 +66,8 @@ class DatasetInfo:
 
     ``mean``/``std`` are per channel, in units of the stored image scaled to [0, 1] for
     ``uint8`` images (raw units for ``float32``), i.e. what :func:`jaxkd.data.augment.normalize`
-    expects.
+    expects. ``int32`` inputs are token ids (any integer feature other than ``uint8``): passed
+    to the model unchanged, never normalised or augmented (``mean``/``std`` are ``(0,)``/``(1,)``).
     """
 
     name: str
@@ -76,7 +77,7 @@ class DatasetInfo:
     std: tuple[float, ...]
     num_train: int
     num_eval: int
-    image_dtype: str  # "uint8" or "float32"
+    image_dtype: str  # "uint8" (pixels), "float32" (signals, float images) or "int32" (token ids)
 
 
 class Source(abc.ABC):
@@ -272,7 +273,7 @@ def load_dataset(name: str, *, data_dir: str | None = None, train_split: str = "
     """Loads ``(info, train_source, eval_source)``.
 
     Args:
-      name: a built-in (``digits``, ``fashion_mnist_local``, ``mnist1d``; prepared into
+      name: a built-in (``digits``, ``fashion_mnist_local``, ``mnist1d``, ``mnist1d_tokens``; prepared into
         ``data_dir`` on first use, offline) or a tfds catalog name, optionally with
         ``/config`` and ``:version`` (read from prepared ``array_record`` files).
       data_dir: where prepared data sets live; default :func:`default_data_dir`.
@@ -305,7 +306,7 @@ def load_dataset(name: str, *, data_dir: str | None = None, train_split: str = "
     feature_shape = tuple(image_feature.shape)
     if any(d is None for d in feature_shape):
         raise NotImplementedError(_varying_size_message(name, feature_shape))
-    image_dtype = "uint8" if np.dtype(image_feature.np_dtype) == np.uint8 else "float32"
+    image_dtype = _image_dtype(image_feature.np_dtype)
     label_feature = features[label_key]
     num_classes = getattr(label_feature, "num_classes", None)
     if num_classes is None:
@@ -524,7 +525,18 @@ def _write_cache(paths, images, labels) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def _image_dtype(feature_dtype) -> str:
+    """How the pipeline stores and reads a data set's ``image`` feature: ``uint8`` pixels,
+    ``int32`` token ids (any other integer feature), or ``float32`` (floats)."""
+    dtype = np.dtype(feature_dtype)
+    if dtype == np.uint8:
+        return "uint8"
+    return "int32" if np.issubdtype(dtype, np.integer) else "float32"
+
+
 def _normalisation_stats(base: str, train: Source, image_dtype: str):
+    if image_dtype == "int32":  # token ids are not normalised
+        return (0.0,), (1.0,)
     known = KNOWN_STATS.get(base)
     if known is None and base.startswith("imagenet"):
         known = KNOWN_STATS["imagenet2012"]

@@ -81,6 +81,9 @@ def training_sources(config):
 def build_data(config) -> DataSetup:
     info, train, val, evals = training_sources(config)
     aug = augmentation(config, info.name)
+    if info.image_dtype == "int32" and (aug["pad"] or aug["flip"]):
+        raise ConfigError(f"config.data.augment={dict(config.data.augment)}: {info.name!r} holds token ids "
+                          "(integer sequences); random crops and flips apply to images only")
     return DataSetup(info, train, val, evals, step_lib.InputPipeline(mean=tuple(info.mean), std=tuple(info.std),
                                                                      **aug))
 
@@ -99,7 +102,8 @@ def create_model(cfg_model, key: str, num_classes: int) -> models_lib.ModelFns:
 
 
 def sample_input(info) -> jax.Array:
-    return jnp.zeros((1, *info.input_shape), jnp.float32)
+    """One zero example of the network input: float32, or int32 token ids for a sequence data set."""
+    return jnp.zeros((1, *info.input_shape), jnp.int32 if info.image_dtype == "int32" else jnp.float32)
 
 
 def teacher_specs(config) -> list[dict]:

@@ -213,7 +213,11 @@ def params_feeding(student: ModelFns, variables, sample_input, tap: str) -> froz
 
     params = variables["params"]
     rest = {k: v for k, v in variables.items() if k != "params"}
-    x = jax.random.normal(jax.random.key(0), (2, *sample_input.shape[1:]), jnp.float32)
+    shape = (2, *sample_input.shape[1:])
+    if jnp.issubdtype(sample_input.dtype, jnp.integer):  # token ids: ids 0 and 1 exist in any vocabulary
+        x = jax.random.randint(jax.random.key(0), shape, 0, 2, sample_input.dtype)
+    else:
+        x = jax.random.normal(jax.random.key(0), shape, jnp.float32)
 
     def f(p):
         _, feats, _ = student.apply({"params": p, **rest}, x, train=False)

@@ -9,6 +9,12 @@ mean 0 and standard deviation 1 before splitting.
 
 ``make_dataset`` seeds NumPy's and Python's global RNGs; this builder saves and restores them
 around the call, so preparing it does not disturb the caller's random state.
+
+``mnist1d_tokens`` is the same data as a sequence of integer token ids, for token models
+(``seq_*``, ``transformer`` with ``vocab_size``): each of the 40 samples is quantised to one of
+``NUM_LEVELS`` = 16 equal-width levels over [-3, 3] (values outside are clipped into the end
+levels), id = 1 + level, so ids are 1..16 and id 0 is free for padding (``vocab_size=17``,
+``pad_id=0``; every sequence has all 40 tokens).
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ import tensorflow_datasets as tfds
 from jaxkd.data.builders import _base
 
 SIGNAL_LENGTH = 40
+NUM_LEVELS = 16
+TOKEN_RANGE = (-3.0, 3.0)
 
 
 @contextlib.contextmanager
@@ -81,3 +89,43 @@ class Mnist1d(_base.ArrayRecordBuilder):
 
     def _generate_examples(self, signals, labels):
         return _base.generate_split(signals, labels)
+
+
+def quantize_tokens(signals: np.ndarray, num_levels: int = NUM_LEVELS,
+                    value_range: tuple[float, float] = TOKEN_RANGE) -> np.ndarray:
+    """Float signals (any shape) -> int32 ids 1..num_levels: equal-width levels over
+    ``value_range``, values outside it clipped into the first or last level; 0 stays free."""
+    lo, hi = value_range
+    edges = np.linspace(lo, hi, num_levels + 1)[1:-1]  # the num_levels - 1 inner boundaries
+    return (1 + np.digitize(np.asarray(signals, np.float64), edges)).astype(np.int32)
+
+
+class Mnist1dTokens(_base.ArrayRecordBuilder):
+    """MNIST-1D as sequences of 40 token ids (16 quantisation levels, ids 1..16, 0 = padding)."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release: 16 equal levels over [-3, 3], ids 1..16."}
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return self.dataset_info_from_configs(
+            description=__doc__,
+            features=tfds.features.FeaturesDict({
+                "image": tfds.features.Tensor(shape=(SIGNAL_LENGTH,), dtype=np.int32),
+                "label": tfds.features.ClassLabel(num_classes=10),
+                "id": tfds.features.Tensor(shape=(), dtype=np.int64),
+            }),
+            supervised_keys=("image", "label"),
+            disable_shuffling=True,
+            homepage="https://github.com/greydanus/mnist1d",
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        data = make_mnist1d()
+        return {
+            "train": self._generate_examples(quantize_tokens(data["x"][..., 0]), data["y"]),
+            "test": self._generate_examples(quantize_tokens(data["x_test"][..., 0]), data["y_test"]),
+        }
+
+    def _generate_examples(self, ids, labels):
+        return _base.generate_split(ids, labels)
