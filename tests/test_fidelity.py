@@ -307,7 +307,8 @@ def test_fidelity_presets_build_and_differ_only_where_named():
     assert two[1]["method"].pop("t2") is True and no_t2[1]["method"].pop("t2") is False and two == no_t2
     assert built["ens_relabel_data"][1].data.copies == 3 and built["ens_avg"][1].data.copies == 1
     assert built["ens_avg_long"][1].train.num_epochs == 3 * built["ens_avg"][1].train.num_epochs
-    assert built["meal_v2_ref"][0][0].aux_optim is None and built["meal_v2_gan"][0][0].aux_optim is not None
+    assert built["meal_v2_ref"][0][0].aux_optim == {"weight_decay": 0.0}
+    assert built["meal_v2_gan"][0][0].aux_optim["name"] == "adam"
     # the digits feature presets keep their recorded names and options, with the new ones beside
     d = load_config(os.path.join(root, "experiments/configs/digits_features.py")).presets.to_dict()
     assert {"fitnets_two_stage", "fitnets_two_stage_no_t2", "at", "at_paper", "bss", "bss_ref"} <= set(d)

@@ -7,6 +7,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from orbax import checkpoint as ocp
 
@@ -272,7 +273,7 @@ def _ref_setup(hidden=(8, 8)):
 
 
 def test_meal_v2_reference_mode_is_the_default_and_matches_numpy():
-    assert build_recipe({"name": "meal_v2"}).aux_optim is None  # D in the student's optimizer
+    assert build_recipe({"name": "meal_v2"}).aux_optim == {"weight_decay": 0.0}  # the student's optimizer, no decay
     assert build_recipe({"name": "meal_v2", "mode": "gan"}).aux_optim["lr"] == 1e-4
     s, t, recipe, aux = _ref_setup()
     total, parts = recipe.loss(_inputs(s, t, aux))
@@ -341,3 +342,23 @@ def test_meal_v2_reference_step_uses_the_student_optimizer():
     batch = {"image": jax.random.uniform(jax.random.PRNGKey(2), (16, 8, 8, 1)), "label": jnp.arange(16) % 10}
     state, metrics = step(state, t_vars, batch)
     assert {"kd", "disc", "disc_accuracy"} <= set(metrics) and "adv" not in metrics
+
+
+def test_meal_v2_reference_does_not_decay_the_discriminator():
+    """The student's weight decay (SGD, coupled: g + wd * w) reaches the student, not D; the
+    learning rate and momentum are the student's for both."""
+    from jaxkd.train import param_groups
+
+    recipe = build_recipe({"name": "meal_v2"})
+    optim = {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 0.01, "schedule": "constant"}
+    tx, _ = param_groups.make_optimizer(optim, recipe.aux_optim, 10, 1)
+    params = {"student": {"w": jnp.full((3,), 2.0)}, "aux": {"discriminator": {"w": jnp.full((3,), 2.0)}}}
+    grads = {"student": {"w": jnp.full((3,), 0.5)}, "aux": {"discriminator": {"w": jnp.full((3,), 0.5)}}}
+    opt_state = tx.init(params)
+    for step in range(2):  # momentum 0.9: the second update is lr * (0.9 * g1 + g2)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+    # student: 2 -> 2 - 0.1*(0.5+0.02)=1.948; then g = 0.5 + 0.01*1.948, buf = 0.9*0.52 + g
+    g2 = 0.5 + 0.01 * 1.948
+    np.testing.assert_allclose(params["student"]["w"], 1.948 - 0.1 * (0.9 * 0.52 + g2), rtol=1e-6)
+    np.testing.assert_allclose(params["aux"]["discriminator"]["w"], 2.0 - 0.1 * 0.5 - 0.1 * (0.9 * 0.5 + 0.5), rtol=1e-6)

@@ -94,6 +94,10 @@ def test_distillation_between_token_models_with_padding(tmp_path, token_teacher)
     summary = train_and_evaluate(cfg, str(tmp_path / "s"))
     assert summary["teacher_accuracy"] == pytest.approx(teacher_summary["last_accuracy"])
     assert summary["steps"] == 16 and np.isfinite(summary["last_accuracy"])
+    assert summary["method"] == "minilm+hinton_kd"  # the stages' methods, not config.method
+    assert summary["stages"] == [{"name": "minilm", "method": "minilm", "num_epochs": 1},
+                                 {"name": "kd", "method": "hinton_kd", "num_epochs": 1}]
+    assert teacher_summary["method"] == "ce" and "stages" not in teacher_summary
     with open(os.path.join(str(tmp_path / "s"), "metrics.jsonl")) as f:
         recs = [json.loads(ln) for ln in f]
     assert any(r.get("train/minilm_at", 0) > 0 for r in recs)

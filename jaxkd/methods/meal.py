@@ -21,10 +21,13 @@ discriminator ``D`` on the C-dimensional output vectors. Two modes:
 * The loss is ``kd + adv_weight * d`` (``adv_weight = 1`` in the reference) minimised by *both*
   players: the student's logits are not detached, so the student descends the same ``d`` that
   trains ``D``. There is no separate fooling term.
-* ``D`` is in the student's optimizer (``aux_optim = None``): the reference puts it in the same
-  SGD as a second parameter group whose ``d_lr`` (1e-4) its ``_set_learning_rate`` overwrites
-  with the student's learning rate every epoch, so it trains at the student's lr, momentum and
-  weight decay (0 in the reference).
+* ``D`` trains with the student's optimizer settings: the reference puts it in the same SGD as a
+  second parameter group whose ``d_lr`` (1e-4) its ``_set_learning_rate`` overwrites with the
+  student's learning rate every epoch, so it trains at the student's lr and momentum, with no
+  weight decay (the reference's is 0). jaxkd gives ``D`` the student's ``config.optim`` with
+  ``weight_decay = 0`` (``aux_optim = {"weight_decay": 0.0}``: same schedule and momentum, its
+  own optimizer state), so a student trained with weight decay does not decay ``D``. (With
+  ``clip_grad_norm`` set, each group's norm is then clipped on its own.)
 
 ``mode="gan"``: jaxkd's earlier reading, a GAN-style game on probabilities.
 
@@ -185,7 +188,7 @@ def _reference_recipe(adv_weight: float, disc_hidden) -> Recipe:
         return kd + adv_weight * disc_loss, parts
 
     return Recipe(name="meal_v2", loss=loss, uses_teacher=True, init_aux=init_aux, multi_teacher=True,
-                  aux_optim=None)
+                  aux_optim={"weight_decay": 0.0})  # the student's optimizer settings, D not decayed
 
 
 register_recipe("meal_v2", meal_v2_recipe)

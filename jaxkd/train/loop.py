@@ -298,8 +298,11 @@ class Trainer:
             self.joint.finish(meta, meta["history"][-1].get("eval/teacher_accuracy") if meta["history"] else None)
             self.teacher_meta = {"accuracy": meta.get(joint_lib.PREFIX + "best_accuracy")}
         evals = [r for r in meta["history"] if "eval/accuracy" in r]
+        staged = bool(run.config.get("stages"))
         summary = {
-            "method": run.config.method.name, "model": run.config.model.name, "dataset": run.config.data.name,
+            # a staged run: its stages' methods in order ("fitnets_hint+hinton_kd"), each in "stages"
+            "method": "+".join(st.method["name"] for st in run.stages) if staged else run.config.method.name,
+            "model": run.config.model.name, "dataset": run.config.data.name,
             "seed": run.config.seed, "steps": self.step,
             "epochs": meta["history"][-1]["epoch"] if meta["history"] else 0,
             # best_accuracy: eval-split accuracy of the checkpoint picked on `selected_on`
@@ -313,6 +316,9 @@ class Trainer:
             "images_per_s": meta["images"] / meta["train_time_s"] if meta["train_time_s"] else None,
             "skipped_steps": self.metrics.skipped_total,
         }
+        if staged:
+            summary["stages"] = [{"name": st.name, "method": st.method["name"], "num_epochs": st.num_epochs}
+                                 for st in run.stages]
         if self.eval_step is not None and jax.process_index() == 0:  # (a finished run's rerun writes nothing)
             with open(os.path.join(self.workdir, "summary.json"), "w") as f:
                 json.dump(summary, f, indent=2)
