@@ -469,3 +469,34 @@ def test_processes_agree_on_a_step_only_if_every_one_verified_it(tmp_path):
     assert results[1]["one"] == "bad digest here"
     assert [r["both"] for r in results] == ["bad on 0", "bad on 1"]
     assert all(r["sharded"] for r in results)
+
+
+def test_resume_refuses_a_method_default_that_changed_since_the_checkpoint(tmp_path, data_dir):
+    """A run that leaves an option at its default resumes only with the same default: a jaxkd
+    upgrade that changes the default between kill and resume is reported, naming the option."""
+    from jaxkd import losses
+    from jaxkd.core import LossOutput, Recipe, register_recipe
+    from _configs import tiny_digits_config
+
+    def probe(scale=1.0, widths=(4, 8)):
+        return Recipe(name="default_probe",
+                      loss=lambda inp: LossOutput(per_example=scale * losses.cross_entropy(inp.student_logits,
+                                                                                           inp.labels)))
+
+    def probe_v2(scale=2.0, widths=(4, 8)):
+        return probe(scale, widths)
+
+    cfg = tiny_digits_config(**{"method": {"name": "default_probe"}, "train.num_epochs": 2})
+    wd = str(tmp_path / "run")
+    try:
+        register_recipe("default_probe", probe, overwrite=True)
+        train_and_evaluate(cfg, wd, stop_after_steps=1)
+        register_recipe("default_probe", probe_v2, overwrite=True)
+        with pytest.raises(TrainingError, match=r"option 'scale' is not set in the config and its default "
+                                                r"changed .*\(1\.0 -> 2\.0"):
+            train_and_evaluate(cfg, wd)
+        # set explicitly to the old value, the run resumes (the unchanged tuple default is no difference)
+        old = tiny_digits_config(**{"method": {"name": "default_probe", "scale": 1.0}, "train.num_epochs": 2})
+        assert train_and_evaluate(old, wd)["steps"] == 4  # 2 epochs of 2 steps
+    finally:
+        register_recipe("default_probe", probe, overwrite=True)

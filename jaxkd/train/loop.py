@@ -96,7 +96,8 @@ class Trainer:
         cfg, data = run.config, run.data
         self.batch_size = cfg.data.batch_size
         self.meta = {"history": [], "best_accuracy": None, "best_epoch": None, "epoch_sums": {}, "epoch_count": 0,
-                     "config": run.cfg_dict, "train_time_s": 0.0, "images": 0}
+                     "config": run.cfg_dict, "train_time_s": 0.0, "images": 0,
+                     "method_defaults": method_defaults(run.stages)}
         self.teacher_meta = run.teacher_meta
         self.run_mgr = ckpt_lib.run_manager(workdir, cfg.train.keep_checkpoints)
         self.best = ckpt_lib.BestCheckpoint(workdir)
@@ -124,6 +125,11 @@ class Trainer:
             # a config stored by an earlier jaxkd, as this one reads it
             self.meta["config"] = config_lib.upgrade_config(self.meta["config"], _accepted_options)
             diffs = config_differences(self.meta["config"], run.cfg_dict)
+            # a method option the config leaves at its default, whose default changed since the
+            # checkpoints were made (a run from before this record was kept cannot be checked)
+            current_defaults = method_defaults(run.stages)
+            diffs += default_changes(self.meta.get("method_defaults"), current_defaults)
+            self.meta["method_defaults"] = current_defaults
             if diffs and not allow_config_change:
                 raise TrainingError("the config differs from the one the checkpoints in "
                                     f"{self.workdir!r} were made with: " + "; ".join(diffs) +
@@ -457,6 +463,36 @@ def _accepted_options(name):
         return set(recipe_options(name))
     except config_lib.ConfigError:
         return None
+
+
+def _plain(value):
+    """A default as it reads back from the checkpoint's JSON metadata: tuples as lists; a function
+    or class by its qualified name, anything else by its repr (no memory addresses)."""
+    try:
+        return json.loads(json.dumps(value))
+    except (TypeError, ValueError):
+        if hasattr(value, "__qualname__"):
+            return f"{getattr(value, '__module__', '')}.{value.__qualname__}"
+        return repr(value)
+
+
+def method_defaults(stages) -> list[dict]:
+    """Per stage, the default value of every option of its method that its config does not set."""
+    out = []
+    for st in stages:
+        set_here = set(st.method) - {"name"}
+        options = _accepted_options(st.method["name"]) and recipe_options(st.method["name"])
+        out.append({k: _plain(v) for k, v in (options or {}).items() if k not in set_here})
+    return out
+
+
+def default_changes(old: list[dict] | None, new: list[dict]) -> list[str]:
+    """What :func:`method_defaults` recorded in a checkpoint says differs from now."""
+    if not old or len(old) != len(new):
+        return []
+    return [f"stage {i} method option {k!r} is not set in the config and its default changed since the "
+            f"checkpoints were made ({o[k]!r} -> {n[k]!r}; set it to {o[k]!r} to keep the run as it was)"
+            for i, (o, n) in enumerate(zip(old, new)) for k in sorted(o.keys() & n.keys()) if o[k] != n[k]]
 
 
 def _get(cfg: dict, dotted: str):
