@@ -38,20 +38,24 @@ if [ "${AUGMENT_CONTROL:-1}" = 1 ]; then
     teacher.workdir="$teacher" data.num_train_examples=1000 "data.augment={'pad': 4, 'flip': True}"
 fi
 # the teacher head after its stage: rotation-retrieval accuracy (train/ss_acc_t) of its first and last epoch
+# on the training views, and on the test split (jaxkd.methods.sskd.evaluate_teacher_head: the four
+# rotations of each test image, retrieved among the batch's originals, batch = the training batch)
 $python - "$out" <<'EOF'
 import glob, json, os, statistics, sys
+from jaxkd.methods.sskd import evaluate_teacher_head
 rows = {}
 for path in sorted(glob.glob(os.path.join(sys.argv[1], "n*", "sskd*", "seed*", "metrics.jsonl"))):
     recs = [json.loads(line) for line in open(path)]
     head = [r for r in recs if r.get("stage") == "teacher_head"]
     student = [r for r in recs if r.get("stage") == "student"]
     run = os.path.relpath(os.path.dirname(os.path.dirname(path)), sys.argv[1])
-    rows.setdefault(run, []).append((head[0]["train/ss_acc_t"], head[-1]["train/ss_acc_t"],
+    test = evaluate_teacher_head(os.path.dirname(path))["accuracy"]
+    rows.setdefault(run, []).append((head[0]["train/ss_acc_t"], head[-1]["train/ss_acc_t"], test,
                                      student[-1]["train/ss_acc_s"], student[-1]["train/ss_kept"]))
-lines = ["| run | seeds | teacher head ss_acc, first epoch | after the pre-stage | student head ss_acc, last epoch"
-         " | similarity rows kept |", "|---|---|---|---|---|---|"]
+lines = ["| run | seeds | teacher head ss_acc, first epoch | after the pre-stage | on the test split"
+         " | student head ss_acc, last epoch | similarity rows kept |", "|---|---|---|---|---|---|---|"]
 for run, vals in rows.items():
-    cols = [statistics.fmean(v[i] for v in vals) for i in range(4)]
+    cols = [statistics.fmean(v[i] for v in vals) for i in range(5)]
     lines.append(f"| {run} | {len(vals)} | " + " | ".join(f"{100 * c:.1f} %" for c in cols) + " |")
 report = "\n".join(lines) + "\n"
 open(os.path.join(sys.argv[1], "retrieval.md"), "w").write(report)

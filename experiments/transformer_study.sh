@@ -29,6 +29,7 @@ jaxkd="${JAXKD:-jaxkd}"
 parts="${PARTS:-mnist1d_full mnist1d_limited fashion_limited}"  # fashion_full: opt in
 methods="${METHODS:-kd,tinybert,minilm}"  # add minilm_v2: METHODS=kd,tinybert,minilm,minilm_v2
 seeds="${SEEDS:-0,1,2}"
+fashion_teacher_epochs="${FASHION_TEACHER_EPOCHS:-5}"  # the Fashion ViT teacher's epochs on all 60k images
 fashion=experiments/configs/fashion_vit.py
 mnist1d=experiments/configs/mnist1d_transformer.py
 
@@ -47,11 +48,11 @@ for part in $parts; do
       $jaxkd compare --config $mnist1d --workdir "$out/$part" --seeds "$seeds" --no-progress \
         --methods "$methods" teacher.workdir="$out/mnist1d/teacher" data.num_train_examples=$n ;;
     fashion_limited)
-      teacher $fashion "$out/fashion/teacher" 5 "(7, 7)"
+      teacher $fashion "$out/fashion/teacher" "$fashion_teacher_epochs" "(7, 7)"
       $jaxkd compare --config $fashion --workdir "$out/$part" --seeds "$seeds" --no-progress \
         --methods "$methods" teacher.workdir="$out/fashion/teacher" data.num_train_examples=5000 ;;
     fashion_full)
-      teacher $fashion "$out/fashion/teacher" 5 "(7, 7)"
+      teacher $fashion "$out/fashion/teacher" "$fashion_teacher_epochs" "(7, 7)"
       $jaxkd compare --config $fashion --workdir "$out/$part" --seeds "$seeds" --no-progress \
         --methods "$methods" teacher.workdir="$out/fashion/teacher" ;;
     *) echo "unknown part $part (mnist1d_full, mnist1d_limited, fashion_limited, fashion_full)" >&2; exit 2 ;;

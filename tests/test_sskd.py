@@ -299,6 +299,26 @@ def test_two_stages_resume_exactly_in_either_stage_and_a_later_run_loads_the_hea
     train_and_evaluate(later, c, stop_after_steps=1)
     jax.tree.map(np.testing.assert_array_equal, sa["params"]["aux"]["sskd_head_t"],
                  ckpt_lib.load_run_state(c)[1]["params"]["aux"]["sskd_head_t"])
+    # the trained head on the test split, against numpy: np.rot90 views, the numpy head and cosines
+    ev = sskd.evaluate_teacher_head(a)
+    from jaxkd import data as data_lib
+    info, _, test = data_lib.load_dataset("digits")
+    images = test.gather(np.arange(256))["image"]  # 297 test digits: 4 batches of 64, the tail left out
+    teacher = models.create_model("cnn", 10, width=32)
+    t_vars = ckpt_lib.load_model_variables(digits_teacher[0], jax.jit(teacher.init)(jax.random.key(0),
+                                                                                   jnp.zeros((1, 8, 8, 1))))[0]
+    x = (images / 255.0 - np.asarray(info.mean)) / np.asarray(info.std)
+    hits = 0
+    for i in range(0, 256, 64):
+        emb = [np.asarray(teacher.apply(t_vars, jnp.asarray(np.rot90(x[i:i + 64], k, axes=(1, 2)), jnp.float32),
+                                        train=False)[1]["embedding"], np.float64) for k in range(4)]
+        z = [np_head(sa["params"]["aux"]["sskd_head_t"], e) for e in emb]
+        for k in (1, 2, 3):
+            hits += int(np.sum(np.argmax(np_cos(z[k], z[0]), axis=1) == np.arange(64)))
+    assert (ev["num_images"], ev["batch_size"], ev["split"], ev["step"]) == (256, 64, "test", 4)
+    assert ev["accuracy"] == pytest.approx(hits / (3 * 256), abs=1.5 / (3 * 256))  # (a near-tie may flip)
+    with pytest.raises(ValueError, match="no run checkpoint"):
+        sskd.evaluate_teacher_head(str(tmp_path / "nothing"))
 
 
 # ---------------------------------------------------------------------------------------------
