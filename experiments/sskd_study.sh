@@ -11,7 +11,8 @@
 # SEEDS="0" runs one seed. Cost, estimated from one short timing (1,000 images, 2 epochs of
 # baseline and KD, 1 + 2 epochs of SSKD) on 2 CPU cores shared with other jobs (load ~9): an
 # epoch took ~39 s for baseline/KD, ~80 s for the SSKD student stage, ~40 s for the teacher-head
-# stage (most of the last is the eval of the unchanged student), so one SSKD run (8 + 10 epochs)
+# stage (most of the last was the eval of the unchanged student, which the stage now skips:
+# "evaluate": False), so one SSKD run (8 + 10 epochs)
 # ~20 min and a KD run ~7 min at 1,000 images; the study then takes ~5.5 h at 1,000 images and
 # ~5.3 h at 3,000 (11 h in all, plus ~25 min for the teacher unless reused) at that load; expect
 # roughly half on a quiet machine.

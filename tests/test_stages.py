@@ -95,6 +95,24 @@ def test_resume_in_the_middle_of_stage_two(tmp_path, data_dir, first_block_recip
     jax.tree.map(np.testing.assert_array_equal, _state(a)[1], _state(b)[1])
 
 
+def test_a_stage_may_skip_the_student_eval(tmp_path, data_dir, first_block_recipe):
+    import json
+    cfg = _config()
+    cfg.stages[0]["evaluate"] = False
+    wd = str(tmp_path / "a")
+    summary = train_and_evaluate(cfg, wd)
+    with open(os.path.join(wd, "metrics.jsonl")) as f:
+        recs = [json.loads(ln) for ln in f]
+    assert [(r["stage"], "eval/accuracy" in r) for r in recs] == [("warm", False), ("main", True), ("main", True)]
+    assert "train/ce" in recs[0] and summary["best_epoch"] in (2, 3)
+    with pytest.raises(config_lib.ConfigError, match=r"stages\[1\].evaluate=False: the final stage"):
+        train_and_evaluate(_config(stages=[{"num_epochs": 1}, {"num_epochs": 1, "evaluate": False}]),
+                           str(tmp_path / "x"))
+    with pytest.raises(config_lib.ConfigError, match=r"stages\[0\].evaluate must be True or False"):
+        train_and_evaluate(_config(stages=[{"num_epochs": 1, "evaluate": "no"}, {"num_epochs": 1}]),
+                           str(tmp_path / "y"))
+
+
 def test_bad_stage_spec(tmp_path, data_dir):
     with pytest.raises(config_lib.ConfigError, match=r"stages\[1\].num_epochs"):
         train_and_evaluate(_config(stages=[{"num_epochs": 1, "method": {"name": "ce"}}, {"num_epochs": 0}]),

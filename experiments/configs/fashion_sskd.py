@@ -42,6 +42,7 @@ def sskd_stages(pre_epochs: int = PRE_EPOCHS, student_epochs: int = STUDENT_EPOC
     half, three_quarters = pre_epochs // 2, (3 * pre_epochs) // 4
     return [
         {"name": "teacher_head", "num_epochs": pre_epochs, "method": {"name": "sskd_teacher_head"},
+         "evaluate": False,  # the student does not change in this stage
          "optim": {"lr": 0.05, "schedule": "step", "milestones": (half, three_quarters), "decay": 0.1,
                    "warmup_epochs": 0.0}},
         {"name": "student", "num_epochs": student_epochs, "method": {"name": "sskd", **options}},

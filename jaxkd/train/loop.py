@@ -224,7 +224,7 @@ class Trainer:
         run, cfg = self.run, self.run.config
         epoch = self.step // run.steps_per_epoch
         record = {"epoch": epoch, "step": self.step, "stage": stage.name, **self.metrics.epoch_record()}
-        if epoch % cfg.train.eval_every_epochs == 0 or self.step == stage.end:
+        if stage.evaluate and (epoch % cfg.train.eval_every_epochs == 0 or self.step == stage.end):
             ev, ev_val, key = evaluate_for_selection(self.eval_step, self.state.student_variables(), run.data.eval,
                                                      run.data.val, cfg.data.eval_batch_size, run.mesh)
             record.update({"eval/accuracy": ev["accuracy"], "eval/loss": ev["loss"]})

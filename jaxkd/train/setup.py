@@ -296,14 +296,17 @@ class Stage:
     num_epochs: int
     start: int
     end: int
+    evaluate: bool = True  # False: the stage's epochs skip the student's eval (not the final stage)
 
 
 def resolve_stages(config, steps_per_epoch: int) -> list[Stage]:
     """``config.stages`` (or the single stage given by ``config.method``/``config.train``).
 
     Each entry of ``config.stages`` is a dict with ``num_epochs`` and optionally ``name``,
-    ``method`` (replaces ``config.method``) and ``optim`` (overrides keys of ``config.optim``);
-    with stages, the run lasts the sum of their epochs.
+    ``method`` (replaces ``config.method``), ``optim`` (overrides keys of ``config.optim``) and
+    ``evaluate`` (default True; False skips evaluating the student at the ends of the stage's epochs,
+    for a stage that does not train it, e.g. SSKD's teacher-head stage; the final stage, which picks
+    the best checkpoint, always evaluates); with stages, the run lasts the sum of their epochs.
     """
     specs = list(config.get("stages") or ())
     if not specs:
@@ -311,17 +314,23 @@ def resolve_stages(config, steps_per_epoch: int) -> list[Stage]:
     stages, start = [], 0
     for i, spec in enumerate(specs):
         spec = dict(spec)
-        unknown = set(spec) - {"name", "num_epochs", "method", "optim"}
+        unknown = set(spec) - {"name", "num_epochs", "method", "optim", "evaluate"}
         if unknown:
             raise ConfigError(f"config.stages[{i}] has unknown key(s) {sorted(unknown)}; "
-                              "allowed: name, num_epochs, method, optim")
+                              "allowed: name, num_epochs, method, optim, evaluate")
+        evaluate = spec.get("evaluate", True)
+        if not isinstance(evaluate, bool):
+            raise ConfigError(f"config.stages[{i}].evaluate must be True or False; got {evaluate!r}")
+        if not evaluate and i == len(specs) - 1:
+            raise ConfigError(f"config.stages[{i}].evaluate=False: the final stage picks the best checkpoint, "
+                              "so it must evaluate")
         n = spec.get("num_epochs")
         if not isinstance(n, int) or n <= 0:
             raise ConfigError(f"config.stages[{i}].num_epochs must be a positive int; got {n!r}")
         method = dict(spec.get("method") or config.method.to_dict())
         optim = {**config.optim.to_dict(), **dict(spec.get("optim") or {})}
         end = start + n * steps_per_epoch
-        stages.append(Stage(i, str(spec.get("name", f"stage{i}")), method, optim, n, start, end))
+        stages.append(Stage(i, str(spec.get("name", f"stage{i}")), method, optim, n, start, end, evaluate))
         start = end
     return stages
 
