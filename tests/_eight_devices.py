@@ -25,6 +25,7 @@ CHECKS = (
     "test_crd:eight_devices_crd",
     "test_transformer_kd:eight_devices_transformer_kd",
     "test_sskd:eight_devices_sskd",
+    "test_fidelity:eight_devices_fidelity",
 )
 
 
