@@ -7,8 +7,13 @@ No jaxkd trainer: a Linen CNN teacher and a narrower CNN student, both sowing fe
 new_state)` where `features` holds every sown tap, and the student's loss is
 CE + Hinton KD + attention transfer from `jaxkd.losses`. Data: scikit-learn's digits.
 """
-import argparse, json
-import flax.linen as nn, jax, jax.numpy as jnp, numpy as np, optax
+import argparse
+import json
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 from sklearn.datasets import load_digits
 import jaxkd
 from jaxkd import losses

@@ -39,11 +39,11 @@ if [ "${AUGMENT_CONTROL:-1}" = 1 ]; then
     teacher.workdir="$teacher" data.num_train_examples=1000 "data.augment={'pad': 4, 'flip': True}"
 fi
 # the teacher head after its stage: rotation-retrieval accuracy (train/ss_acc_t) of its first and last epoch
-# on the training views, and on the test split (jaxkd.methods.sskd.evaluate_teacher_head: the four
+# on the training views, and on the test split (jaxkd.train.sskd_eval.evaluate_teacher_head: the four
 # rotations of each test image, retrieved among the batch's originals, batch = the training batch)
 $python - "$out" <<'EOF'
 import glob, json, os, statistics, sys
-from jaxkd.methods.sskd import evaluate_teacher_head
+from jaxkd.train.sskd_eval import evaluate_teacher_head
 rows = {}
 for path in sorted(glob.glob(os.path.join(sys.argv[1], "n*", "sskd*", "seed*", "metrics.jsonl"))):
     recs = [json.loads(line) for line in open(path)]

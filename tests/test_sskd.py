@@ -300,7 +300,8 @@ def test_two_stages_resume_exactly_in_either_stage_and_a_later_run_loads_the_hea
     jax.tree.map(np.testing.assert_array_equal, sa["params"]["aux"]["sskd_head_t"],
                  ckpt_lib.load_run_state(c)[1]["params"]["aux"]["sskd_head_t"])
     # the trained head on the test split, against numpy: np.rot90 views, the numpy head and cosines
-    ev = sskd.evaluate_teacher_head(a)
+    from jaxkd.train.sskd_eval import evaluate_teacher_head
+    ev = evaluate_teacher_head(a)
     from jaxkd import data as data_lib
     info, _, test = data_lib.load_dataset("digits")
     images = test.gather(np.arange(256))["image"]  # 297 test digits: 4 batches of 64, the tail left out
@@ -318,7 +319,7 @@ def test_two_stages_resume_exactly_in_either_stage_and_a_later_run_loads_the_hea
     assert (ev["num_images"], ev["batch_size"], ev["split"], ev["step"]) == (256, 64, "test", 4)
     assert ev["accuracy"] == pytest.approx(hits / (3 * 256), abs=1.5 / (3 * 256))  # (a near-tie may flip)
     with pytest.raises(ValueError, match="no run checkpoint"):
-        sskd.evaluate_teacher_head(str(tmp_path / "nothing"))
+        evaluate_teacher_head(str(tmp_path / "nothing"))
 
 
 # ---------------------------------------------------------------------------------------------

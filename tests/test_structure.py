@@ -4,7 +4,6 @@ functions outside the models, config.py free of method keys, ConfigError importi
 import ast
 import os
 
-import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PKG = os.path.join(ROOT, "jaxkd")

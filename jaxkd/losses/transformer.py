@@ -227,8 +227,8 @@ def tinybert_hidden_loss(student_hidden_projected: chex.Array, teacher_hidden: c
     writes a separate ``W_e`` for the embeddings; the official code has one ``nn.Linear``
     (``fit_dense`` in ``TinyBERT/transformer/modeling.py``) *shared* by the embeddings and all
     layers: to follow it, apply the same ``nn.Dense(D_t)`` to every student tap
-    (``embeddings``, ``layer{i}/hidden``) before calling this loss. Layers are paired by :func:`uniform_layer_map`, embeddings with
-    embeddings.
+    (``embeddings``, ``layer{i}/hidden``) before calling this loss. Layers are paired by
+    :func:`uniform_layer_map`, embeddings with embeddings.
 
     * ``"masked"`` (default): ``loss_b = sum_{l,d} m_l (h^S_ld - h^T_ld)^2 / (n_b * D)`` over
       the ``n_b`` real positions.

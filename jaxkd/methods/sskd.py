@@ -77,7 +77,7 @@ from jaxkd.core import LossInputs, LossOutput, Recipe, aux_variables, make_weigh
 from jaxkd.data import augment
 from jaxkd.models.layers import torch_linear
 
-__all__ = ["HEADS", "ProjectionHead", "cosine_matrix", "evaluate_teacher_head", "head_retrieval_accuracy",
+__all__ = ["HEADS", "ProjectionHead", "cosine_matrix", "head_retrieval_accuracy",
            "keep_rows", "make_views", "rotated_and_originals",
            "scaled_pad", "sskd_prepare_batch", "sskd_recipe", "sskd_teacher_head_recipe", "true_rank",
            "view_choices"]
@@ -327,7 +327,8 @@ def head_retrieval_accuracy(teacher, teacher_variables, head_params, batches, pi
     flip and no crop; the head maps the teacher's ``teacher_layer`` features and a rotated view
     counts as retrieved when its most similar original (cosine, among the batch's ``B``) is its
     own. Returns ``{"accuracy": mean over all rotated views, "num_images", "batch_size"}``.
-    ``train/ss_acc_t`` is the same quantity on the training views (random flips and crops)."""
+    ``train/ss_acc_t`` is the same quantity on the training views (random flips and crops); a run's
+    head is evaluated by :func:`jaxkd.train.sskd_eval.evaluate_teacher_head`."""
     head = ProjectionHead()
 
     @jax.jit
@@ -352,48 +353,6 @@ def head_retrieval_accuracy(teacher, teacher_variables, head_params, batches, pi
     if not images_seen:
         raise ValueError("head_retrieval_accuracy: no batch of images")
     return {"accuracy": hits / (images_seen * (NUM_VIEWS - 1)), "num_images": images_seen, "batch_size": size}
-
-
-def evaluate_teacher_head(workdir: str, *, batch_size: int | None = None, split: str | None = None) -> dict:
-    """:func:`head_retrieval_accuracy` of the teacher head stored in the run ``workdir`` (its newest
-    checkpoint; the head is frozen after SSKD's pre-stage, so any checkpoint of the student stage
-    holds the trained head), on ``split`` (default the run's ``data.eval_split``) in batches of
-    ``batch_size`` (default the run's training batch size, the number of candidates ``train/ss_acc_t``
-    retrieves among). The tail that does not fill a batch is left out. The teacher, its feature
-    tap and the data set are the run's own (from the config stored with the checkpoints)."""
-    import ml_collections
-    import numpy as np
-
-    from jaxkd import data as data_lib
-    from jaxkd.train import checkpoint as ckpt_lib
-    from jaxkd.train import setup as setup_lib
-    from jaxkd.train.step import InputPipeline
-
-    mgr = ckpt_lib.run_manager(workdir)
-    step = mgr.latest_step()
-    if step is None:
-        raise ValueError(f"no run checkpoint in {workdir!r}")
-    state, meta = ckpt_lib.restore_on_this_process(mgr, step, "state")
-    config = ml_collections.ConfigDict(meta["config"])
-    if HEADS[1] not in state["params"]["aux"]:
-        raise ValueError(f"the run in {workdir!r} has no SSKD teacher head (aux/{HEADS[1]})")
-    methods = [st["method"] for st in config.get("stages") or []] or [config.method]
-    layers = {m.get("teacher_layer", "embedding") for m in methods if m["name"] in ("sskd", "sskd_teacher_head")}
-    teacher_layer = layers.pop() if len(layers) == 1 else "embedding"
-    d = config.data
-    info, _, eval_src = data_lib.load_dataset(d.name, data_dir=d.data_dir, train_split=d.train_split,
-                                              eval_split=split or d.eval_split,
-                                              builder_kwargs=dict(d.builder_kwargs), download=d.download)
-    teacher = setup_lib.create_model(config.teacher, "teacher", info.num_classes)
-    t_vars, _ = setup_lib.load_teacher(config, teacher, setup_lib.sample_input(info))
-    size = int(batch_size or d.batch_size)
-    n = len(eval_src) // size * size
-    if not n:
-        raise ValueError(f"the split holds {len(eval_src)} images, fewer than one batch of {size}")
-    batches = (eval_src.gather(np.arange(i, i + size))["image"] for i in range(0, n, size))
-    out = head_retrieval_accuracy(teacher, t_vars, state["params"]["aux"][HEADS[1]], batches,
-                                  InputPipeline(mean=tuple(info.mean), std=tuple(info.std)), teacher_layer)
-    return {**out, "split": split or d.eval_split, "step": int(step)}
 
 
 register_recipe("sskd_teacher_head", sskd_teacher_head_recipe)

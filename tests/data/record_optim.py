@@ -1,6 +1,10 @@
 """Records the optimizer updates of jaxkd's sgd/adam/adamw configs BEFORE the any-optax change."""
 # Run at commit 7209601 (before issue 15) with XLA_FLAGS=--xla_backend_optimization_level=0 (the suite's setting).
-import json, hashlib, numpy as np, jax, jax.numpy as jnp, optax
+import json
+import numpy as np
+import jax
+import jax.numpy as jnp
+import optax
 from jaxkd.train import optim as optim_lib
 
 def tree():

@@ -1,6 +1,11 @@
 """Records a tiny teacher run and a KD run from it BEFORE the refactor (issue 15)."""
 # Run at commit 7209601 (before issue 15) with XLA_FLAGS=--xla_backend_optimization_level=0 (the suite's setting).
-import json, os, sys, tempfile, numpy as np, jax
+import json
+import os
+import sys
+import tempfile
+import numpy as np
+import jax
 sys.path.insert(0, "tests")
 from _configs import tiny_digits_config
 from jaxkd.experiment import teacher_config
