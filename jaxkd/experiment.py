@@ -159,6 +159,9 @@ def compare(config: ml_collections.ConfigDict, workdir: str, seeds: Iterable[int
         last_m, last_s = _mean_std([s["last_accuracy"] for s in summaries])
         rows.append({"run": name, "model": summaries[0]["model"], "seeds": len(summaries),
                      "best_mean": best_m, "best_std": best_s, "last_mean": last_m, "last_std": last_s,
+                     "num_params": summaries[0].get("num_params"),
+                     "train_time_s": _mean_or_none([s.get("train_time_s") for s in summaries]),
+                     "images_per_s": _mean_or_none([s.get("images_per_s") for s in summaries]),
                      "summaries": summaries})
     with open(os.path.join(workdir, "results.json"), "w") as f:
         json.dump(rows, f, indent=2)
@@ -169,6 +172,23 @@ def compare(config: ml_collections.ConfigDict, workdir: str, seeds: Iterable[int
     if sweep and len(sweep) == 2 and not methods:
         plot_sweep(workdir, rows, sweep, config.method.name)
     return rows
+
+
+def _mean_or_none(xs: list) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def cost_table(rows: list[dict]) -> list[str]:
+    """Markdown lines: each run's student parameter count, training time per run and throughput
+    (means over its seeds; wall-clock on whatever else shared the machine), "—" where unknown."""
+    lines = ["| run | model | student params | train time per run, min | images/s |", "|---|---|---|---|---|"]
+    for r in rows:
+        params = f"{r['num_params']:,}" if r.get("num_params") is not None else "—"
+        minutes = f"{r['train_time_s'] / 60:.1f}" if r.get("train_time_s") is not None else "—"
+        ips = f"{r['images_per_s']:.0f}" if r.get("images_per_s") is not None else "—"
+        lines.append(f"| {r['run']} | {r['model']} | {params} | {minutes} | {ips} |")
+    return lines
 
 
 def format_table(rows: list[dict], config=None) -> str:
@@ -200,6 +220,10 @@ def format_table(rows: list[dict], config=None) -> str:
                          f"{lift['improved']}/{lift['n']} |")
         lines.append("")
         lines += [_lift_sentence(name, lift) for name, lift in lifts]
+    if any(r.get("num_params") is not None or r.get("train_time_s") is not None for r in rows):
+        lines += ["", "cost (the training loop's wall-clock per run, its per-epoch evals and compilation included; "
+                  "the teacher's row is its own training run):", ""]
+        lines += cost_table(rows)
     return head + "\n".join(lines)
 
 

@@ -43,3 +43,19 @@ def test_table_says_the_lift_and_whether_it_is_resolved():
     # weak: differences +1, -1, 0: mean 0, not resolved, 1 of 3 improved
     assert "| weak | 3 | +0.00 ± 1.00 | 0.58 | 1/3 |" in table
     assert "weak: +0.00 points" in table and "1 of 3 seeds improved; not resolved" in table
+
+
+def test_table_reports_each_runs_cost():
+    base = {**_row("baseline", [0.80, 0.82]), "num_params": 604938, "train_time_s": 150.0, "images_per_s": 1234.4}
+    old = _row("kd", [0.83, 0.83])  # summaries from before num_params: dashes
+    table = format_table([base, old])
+    assert "| baseline | mlp | 604,938 | 2.5 | 1234 |" in table and "| kd | mlp | — | — | — |" in table
+    assert "cost" not in format_table([_row("baseline", [0.8]), _row("kd", [0.9])])
+
+
+def test_summary_counts_the_students_params(tmp_path, data_dir):
+    from _configs import tiny_digits_config
+    from jaxkd.train.loop import train_and_evaluate
+    summary = train_and_evaluate(tiny_digits_config(**{"method": {"name": "ce"}}), str(tmp_path / "r"))
+    # mlp 64 -> 16 -> 10: (64 * 16 + 16) + (16 * 10 + 10)
+    assert summary["num_params"] == 64 * 16 + 16 + 16 * 10 + 10

@@ -34,6 +34,7 @@ import numpy as np
 from jaxkd import config as config_lib
 from jaxkd import data as data_lib
 from jaxkd.core import recipe_options
+from jaxkd.models import count_params
 from jaxkd.errors import TrainingError
 from jaxkd.train import checkpoint as ckpt_lib
 from jaxkd.train import joint_teacher as joint_lib
@@ -308,7 +309,8 @@ class Trainer:
         summary = {
             # a staged run: its stages' methods in order ("fitnets_hint+hinton_kd"), each in "stages"
             "method": "+".join(st.method["name"] for st in run.stages) if staged else run.config.method.name,
-            "model": run.config.model.name, "dataset": run.config.data.name,
+            "model": run.config.model.name, "num_params": count_params(self.state.params["student"]),
+            "dataset": run.config.data.name,
             "seed": run.config.seed, "steps": self.step,
             "epochs": meta["history"][-1]["epoch"] if meta["history"] else 0,
             # best_accuracy: eval-split accuracy of the checkpoint picked on `selected_on`
