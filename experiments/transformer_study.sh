@@ -23,6 +23,9 @@
 #   fashion_full ~7 h (10 epochs on 60k images x 12 students); minilm_v2 adds ~20 % to a part.
 # The default parts (the first three, with both teachers) take ~2.5 h on a quiet machine, 4-5x that
 # while other jobs share the CPU; fashion_full needs an accelerator or a night. Factor-2 estimates.
+# Measured (docs/experiments.md §4, 2026-11-30): the MNIST-1D teacher 25.5 min and both MNIST-1D
+# parts ~1 h 55 min of wall-clock in all, on the 2 cores shared with a second study.
+# FASHION_TEACHER_EPOCHS=3 trains a cheaper Fashion teacher.
 set -euo pipefail
 out="${RUNS:-runs}/transformer"
 jaxkd="${JAXKD:-jaxkd}"
