@@ -332,27 +332,26 @@ def head_retrieval_accuracy(teacher, teacher_variables, head_params, batches, pi
     head = ProjectionHead()
 
     @jax.jit
-    def batch_hits(images):
+    def batch_accuracy(images):
         b = images.shape[0]
         views = make_views(images, jnp.zeros((b,), bool), jnp.zeros((b, NUM_VIEWS, 2), jnp.int32), 0)
         _, feats, _ = teacher.apply(teacher_variables, pipeline.normalize(views), train=False)
         if teacher_layer not in feats:
             raise ValueError(f"sskd: the teacher has no feature {teacher_layer!r}; it has {sorted(feats)}")
-        sim = cosine_matrix(*rotated_and_originals(head.apply({"params": head_params}, feats[teacher_layer])))
-        return jnp.sum(jnp.argmax(sim, axis=-1) == jnp.arange(sim.shape[0]) // (NUM_VIEWS - 1))
+        return retrieval_accuracy(cosine_matrix(*rotated_and_originals(
+            head.apply({"params": head_params}, feats[teacher_layer]))))
 
-    hits = images_seen = 0
-    size = None
+    accuracies, size = [], None
     for images in batches:
         size = images.shape[0] if size is None else size
         if images.shape[0] != size:
             raise ValueError(f"head_retrieval_accuracy: every batch must hold {size} images (the retrieval "
                              f"is among a batch's originals); got one of {images.shape[0]}")
-        hits += int(batch_hits(jnp.asarray(images)))
-        images_seen += size
-    if not images_seen:
+        accuracies.append(float(batch_accuracy(jnp.asarray(images))))
+    if not accuracies:
         raise ValueError("head_retrieval_accuracy: no batch of images")
-    return {"accuracy": hits / (images_seen * (NUM_VIEWS - 1)), "num_images": images_seen, "batch_size": size}
+    # batches of one size: the mean of the batch means is the mean over all rotated views
+    return {"accuracy": sum(accuracies) / len(accuracies), "num_images": size * len(accuracies), "batch_size": size}
 
 
 register_recipe("sskd_teacher_head", sskd_teacher_head_recipe)

@@ -475,13 +475,19 @@ def _train_labels(source):
     return np.asarray(labels, np.int32)
 
 
+def eval_data(config, split: str | None = None):
+    """``(info, source)`` of ``split`` (default ``config.data.eval_split``) of the run's data set, whole."""
+    d = config.data
+    info, _, source = data_lib.load_dataset(d.name, data_dir=d.data_dir, train_split=d.train_split,
+                                            eval_split=split or d.eval_split, builder_kwargs=dict(d.builder_kwargs),
+                                            download=d.download)
+    return info, source
+
+
 def build_eval(config, workdir: str, which: str = "best"):
     """``(info, eval source, model, pipeline, variables, meta)`` of the student stored in ``workdir``,
     for ``jaxkd eval`` (normalised as in training, never augmented)."""
-    d = config.data
-    info, _, eval_src = data_lib.load_dataset(d.name, data_dir=d.data_dir, train_split=d.train_split,
-                                              eval_split=d.eval_split, builder_kwargs=dict(d.builder_kwargs),
-                                              download=d.download)
+    info, eval_src = eval_data(config)
     model = create_model(config.model, "model", info.num_classes)
     template = jax.jit(model.init)(jax.random.key(0), sample_input(info))
     variables, meta = ckpt_lib.load_model_variables(workdir, template, which, what="student")

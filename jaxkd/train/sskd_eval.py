@@ -6,7 +6,6 @@ from __future__ import annotations
 import ml_collections
 import numpy as np
 
-from jaxkd import data as data_lib
 from jaxkd.methods.sskd import HEADS, head_retrieval_accuracy
 from jaxkd.train import checkpoint as ckpt_lib
 from jaxkd.train import setup as setup_lib
@@ -33,17 +32,14 @@ def evaluate_teacher_head(workdir: str, *, batch_size: int | None = None, split:
     methods = [st["method"] for st in config.get("stages") or []] or [config.method]
     layers = {m.get("teacher_layer", "embedding") for m in methods if m["name"] in ("sskd", "sskd_teacher_head")}
     teacher_layer = layers.pop() if len(layers) == 1 else "embedding"
-    d = config.data
-    info, _, eval_src = data_lib.load_dataset(d.name, data_dir=d.data_dir, train_split=d.train_split,
-                                              eval_split=split or d.eval_split,
-                                              builder_kwargs=dict(d.builder_kwargs), download=d.download)
+    info, eval_src = setup_lib.eval_data(config, split)
     teacher = setup_lib.create_model(config.teacher, "teacher", info.num_classes)
     t_vars, _ = setup_lib.load_teacher(config, teacher, setup_lib.sample_input(info))
-    size = int(batch_size or d.batch_size)
+    size = int(batch_size or config.data.batch_size)
     n = len(eval_src) // size * size
     if not n:
         raise ValueError(f"the split holds {len(eval_src)} images, fewer than one batch of {size}")
     batches = (eval_src.gather(np.arange(i, i + size))["image"] for i in range(0, n, size))
     out = head_retrieval_accuracy(teacher, t_vars, state["params"]["aux"][HEADS[1]], batches,
                                   InputPipeline(mean=tuple(info.mean), std=tuple(info.std)), teacher_layer)
-    return {**out, "split": split or d.eval_split, "step": int(step)}
+    return {**out, "split": split or config.data.eval_split, "step": int(step)}

@@ -66,11 +66,13 @@ class Mnist1d(_base.ArrayRecordBuilder):
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial release: make_dataset() defaults (seed 42)."}
 
+    IMAGE_SHAPE, IMAGE_DTYPE = (SIGNAL_LENGTH, 1), np.float32
+
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(
             description=__doc__,
             features=tfds.features.FeaturesDict({
-                "image": tfds.features.Tensor(shape=(SIGNAL_LENGTH, 1), dtype=np.float32),
+                "image": tfds.features.Tensor(shape=self.IMAGE_SHAPE, dtype=self.IMAGE_DTYPE),
                 "label": tfds.features.ClassLabel(num_classes=10),
                 "id": tfds.features.Tensor(shape=(), dtype=np.int64),
             }),
@@ -79,12 +81,16 @@ class Mnist1d(_base.ArrayRecordBuilder):
             homepage="https://github.com/greydanus/mnist1d",
         )
 
+    def _encode(self, signals: np.ndarray) -> np.ndarray:
+        """The stored ``image`` of float32 ``(N, 40, 1)`` signals."""
+        return signals
+
     def _split_generators(self, dl_manager):
         del dl_manager  # Generated locally.
         data = make_mnist1d()
         return {
-            "train": self._generate_examples(data["x"], data["y"]),
-            "test": self._generate_examples(data["x_test"], data["y_test"]),
+            "train": self._generate_examples(self._encode(data["x"]), data["y"]),
+            "test": self._generate_examples(self._encode(data["x_test"]), data["y_test"]),
         }
 
     def _generate_examples(self, signals, labels):
@@ -100,32 +106,12 @@ def quantize_tokens(signals: np.ndarray, num_levels: int = NUM_LEVELS,
     return (1 + np.digitize(np.asarray(signals, np.float64), edges)).astype(np.int32)
 
 
-class Mnist1dTokens(_base.ArrayRecordBuilder):
+class Mnist1dTokens(Mnist1d):
     """MNIST-1D as sequences of 40 token ids (16 quantisation levels, ids 1..16, 0 = padding)."""
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial release: 16 equal levels over [-3, 3], ids 1..16."}
+    IMAGE_SHAPE, IMAGE_DTYPE = (SIGNAL_LENGTH,), np.int32
 
-    def _info(self) -> tfds.core.DatasetInfo:
-        return self.dataset_info_from_configs(
-            description=__doc__,
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Tensor(shape=(SIGNAL_LENGTH,), dtype=np.int32),
-                "label": tfds.features.ClassLabel(num_classes=10),
-                "id": tfds.features.Tensor(shape=(), dtype=np.int64),
-            }),
-            supervised_keys=("image", "label"),
-            disable_shuffling=True,
-            homepage="https://github.com/greydanus/mnist1d",
-        )
-
-    def _split_generators(self, dl_manager):
-        del dl_manager
-        data = make_mnist1d()
-        return {
-            "train": self._generate_examples(quantize_tokens(data["x"][..., 0]), data["y"]),
-            "test": self._generate_examples(quantize_tokens(data["x_test"][..., 0]), data["y_test"]),
-        }
-
-    def _generate_examples(self, ids, labels):
-        return _base.generate_split(ids, labels)
+    def _encode(self, signals: np.ndarray) -> np.ndarray:
+        return quantize_tokens(signals[..., 0])
