@@ -2,23 +2,24 @@
 # Issue 19's reruns (docs/experiments.md): Fashion-MNIST, resnet20 -> resnet8, 3,000 training
 # images, 3 seeds: two-stage FitNets with and without T^2, attention transfer in code / paper /
 # earlier paper mode, MEAL V2 in the reference and GAN modes (+ CE fine-tuning control), and the
-# relabelled data set of three teachers against uniform averaging (same epochs, same steps).
-#   RUNS=/work/runs bash experiments/fidelity_study.sh   # ~6 h on 2 CPU cores; needs the IDX files
-# (estimated from the feature and modern studies' ~5 min per 10-epoch student, not measured: three
-# teachers ~45 min; the three-teacher presets run three teacher forwards a step, ens_relabel_data
-# and ens_avg_long three times the steps). METHODS=a,b runs a subset (the baseline always runs).
+# relabelled data set of N teachers against uniform averaging (same epochs, same steps).
+#   RUNS=/work/runs bash experiments/fidelity_study.sh   # needs the IDX files
+# N = JAXKD_FIDELITY_TEACHERS teachers (default 2; the multi-teacher presets run N teacher forwards
+# a step, ens_relabel_data and ens_avg_long N times the steps). METHODS=a,b runs a subset (the
+# baseline always runs). docs/experiments.md §3d-§3g give each part's measured cost.
 set -euo pipefail
 export JAXKD_FIDELITY_DIR="${RUNS:-runs}/fashion_fidelity"
 out="$JAXKD_FIDELITY_DIR"
 jaxkd="${JAXKD:-jaxkd}"
 cfg=experiments/configs/fashion_fidelity.py
-for k in 0 1 2; do  # the teachers: resnet20, seeds 0-2, cross-entropy, 3 epochs on all 60k images
+export JAXKD_FIDELITY_TEACHERS="${JAXKD_FIDELITY_TEACHERS:-2}"
+for k in $(seq 0 $((JAXKD_FIDELITY_TEACHERS - 1))); do  # resnet20 teachers: cross-entropy, 3 epochs on all 60k images
   if [ ! -f "$out/teachers/seed$k/summary.json" ]; then
     $jaxkd train --config $cfg --workdir "$out/teachers/seed$k" model.name=resnet20 "model.kwargs={}" \
       method.name=ce seed=$k train.num_epochs=3 train.progress=False > /dev/null
   fi
 done
-# single-teacher presets distil from teacher seed 0; the multi-teacher ones name all three
+# single-teacher presets distil from teacher seed 0; the multi-teacher ones name all N
 # (config.teachers); MEAL V2 and ft_ce fine-tune this comparison's baseline students, which
 # compare trains first
 all=kd,fitnets_two_stage,fitnets_two_stage_no_t2,at,at_paper,at_paper_unscaled
