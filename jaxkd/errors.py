@@ -13,8 +13,12 @@ class TrainingError(RuntimeError):
     """Training cannot continue (non-finite loss, locked work dir, config changed on resume)."""
 
 
+class WorkdirBusy(TrainingError):
+    """Another process holds the work dir's lock (it is training or reading that run)."""
+
+
 class CheckpointError(RuntimeError):
     """No usable checkpoint, or a checkpoint that does not fit the model."""
 
 
-__all__ = ["CheckpointError", "ConfigError", "TrainingError"]
+__all__ = ["CheckpointError", "ConfigError", "TrainingError", "WorkdirBusy"]

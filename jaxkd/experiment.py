@@ -11,6 +11,10 @@ for every seed and every point of an optional sweep grid (e.g. over ``method.tem
 ``method.alpha``), then writes ``results.json``, ``results.md`` and (with matplotlib)
 ``curves.png``, and returns the table rows. Every run is an ordinary ``train_and_evaluate``
 run in its own work dir, so an interrupted comparison resumes where it stopped.
+
+Several ``compare`` processes may share one work dir and split its runs: a run whose work dir
+another process holds (it is training it) is put off, the others go first, and at the end the
+comparison waits for the put-off runs and reads their results (``WorkdirBusy``).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Iterable, Sequence
 import ml_collections
 
 from jaxkd import config as config_lib
+from jaxkd.errors import WorkdirBusy
 from jaxkd.train.loop import train_and_evaluate
 
 
@@ -139,20 +144,20 @@ def compare(config: ml_collections.ConfigDict, workdir: str, seeds: Iterable[int
     else:
         teacher_dir = os.path.join(workdir, "teacher")
         _announce("teacher", config.teacher.name)
-        runs["teacher"] = [train_and_evaluate(teacher_config(config), teacher_dir)]
+        runs["teacher"] = [train_and_evaluate(teacher_config(config), teacher_dir, wait_for_lock=True)]
+    # the baselines are waited for, not put off: presets may start from them (model.init_from)
     for seed in seeds:
         _announce(f"baseline seed {seed}", config.model.name)
-        runs.setdefault("baseline", []).append(
-            train_and_evaluate(baseline_config(config, seed), os.path.join(workdir, "baseline", f"seed{seed}")))
+        runs.setdefault("baseline", []).append(train_and_evaluate(
+            baseline_config(config, seed), os.path.join(workdir, "baseline", f"seed{seed}"), wait_for_lock=True))
+    jobs = []
     for preset in (list(methods) if methods else [None]):
         for point in sweep_points(sweep or {}):
             name = _point_name(preset or config.method.name, point)
             for seed in seeds:
                 cfg = distill_config(config, seed, teacher_dir, point, preset)
-                _announce(f"{name} seed {seed}", cfg.model.name)
-                runs.setdefault(name, []).append(train_and_evaluate(
-                    cfg, os.path.join(workdir, name, f"seed{seed}")))
-
+                jobs.append((name, f"{name} seed {seed}", cfg, os.path.join(workdir, name, f"seed{seed}")))
+    runs.update(_run_jobs(jobs))
     rows = []
     for name, summaries in runs.items():
         best_m, best_s = _mean_std([s["best_accuracy"] for s in summaries])
@@ -333,6 +338,31 @@ def plot_sweep(workdir: str, rows: list[dict], sweep: dict[str, Sequence], metho
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def _run_jobs(jobs: list[tuple]) -> dict[str, list[dict]]:
+    """Runs ``(name, label, config, workdir)`` jobs; returns each name's summaries in job order.
+
+    A job whose work dir another process holds is put off until the others are done, then
+    waited for: comparisons started together on one work dir share its runs instead of failing.
+    (The teacher and the baselines, which other runs may start from, are waited for at once.)"""
+    done: dict[int, dict] = {}
+    later = []
+    for i, (_, label, cfg, wd) in enumerate(jobs):
+        _announce(label, cfg.model.name)
+        try:
+            done[i] = train_and_evaluate(cfg, wd)
+        except WorkdirBusy:
+            print(f"   {wd} is in use by another process; coming back to it at the end", flush=True)
+            later.append(i)
+    for i in later:
+        _, label, cfg, wd = jobs[i]
+        _announce(f"{label} (waiting for the other process)", cfg.model.name)
+        done[i] = train_and_evaluate(cfg, wd, wait_for_lock=True)
+    runs: dict[str, list[dict]] = {}
+    for i, (name, *_) in enumerate(jobs):
+        runs.setdefault(name, []).append(done[i])
+    return runs
 
 
 def _announce(what: str, model: str) -> None:

@@ -86,6 +86,43 @@ def test_second_run_in_same_workdir_is_refused(tmp_path):
         pass
 
 
+def test_parallel_comparisons_put_off_a_busy_run_and_come_back_to_it(tmp_path, data_dir, capsys):
+    """A compare that meets a run another process holds trains the rest first, then waits for it
+    and reads its result: two comparisons on one work dir share the runs instead of failing."""
+    import threading
+    import time
+
+    from jaxkd.experiment import compare
+    cw = tmp_path / "c"
+    c = _config(**{"method": {"name": "hinton_kd"}, "train.num_epochs": 1, "train.checkpoint_every_steps": 0,
+                   "teacher.kwargs": {"width": 4, "hidden": 16}, "model.kwargs": {"hidden": (16,)}})
+    busy, other = cw / "hinton_kd" / "seed0", cw / "hinton_kd" / "seed1"
+    held, events = threading.Event(), []
+
+    def other_process():  # holds seed 0's work dir until the comparison has finished seed 1
+        with workdir_lock(str(busy)):
+            held.set()
+            deadline = time.monotonic() + 120
+            while not (other / "summary.json").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            events.append("released")
+
+    t = threading.Thread(target=other_process, daemon=True)
+    t.start()
+    assert held.wait(30)
+    rows = compare(c, str(cw), seeds=(0, 1), progress=False)
+    t.join(30)
+    out = capsys.readouterr().out
+    assert events == ["released"]
+    assert f"{busy} is in use by another process; coming back to it at the end" in out
+    assert out.index("hinton_kd seed 1") < out.index("hinton_kd seed 0 (waiting for the other process)")
+    assert (busy / "summary.json").stat().st_mtime > (other / "summary.json").stat().st_mtime
+    kd = next(r for r in rows if r["run"] == "hinton_kd")
+    assert kd["seeds"] == 2 and [s["seed"] for s in kd["summaries"]] == [0, 1]  # job order, not finishing order
+    with workdir_lock(str(busy)):  # nothing left holding it
+        pass
+
+
 def test_skip_nonfinite_step_changes_nothing_and_counts():
     """With skip_nonfinite a NaN batch leaves params, batch stats and optimizer state bit-identical."""
     import jax.numpy as jnp

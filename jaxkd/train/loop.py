@@ -35,7 +35,7 @@ from jaxkd import config as config_lib
 from jaxkd import data as data_lib
 from jaxkd.core import recipe_options
 from jaxkd.models import count_params
-from jaxkd.errors import TrainingError
+from jaxkd.errors import TrainingError, WorkdirBusy
 from jaxkd.train import checkpoint as ckpt_lib
 from jaxkd.train import joint_teacher as joint_lib
 from jaxkd.train import setup as setup_lib
@@ -57,20 +57,21 @@ _RESUME_KEY_DEFAULTS = {"data.val_fraction": 0.0}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False,
-                       stop_after_steps: int | None = None) -> dict:
+                       stop_after_steps: int | None = None, wait_for_lock: bool = False) -> dict:
     """Trains ``config.model`` with ``config.method`` (or ``config.stages``) in ``workdir``,
     resuming if possible.
 
     Returns the summary (also written to ``WORKDIR/summary.json``): best and last eval
     accuracy, the teacher's accuracy, steps, throughput. ``stop_after_steps`` ends the run
-    early (after a checkpoint), as if it had been killed; used by tests.
+    early (after a checkpoint), as if it had been killed; used by tests. A work dir locked by
+    another process raises :class:`~jaxkd.errors.WorkdirBusy`, or with ``wait_for_lock`` waits.
     """
     setup_lib.apply_cpu_defaults()  # before the mesh creates the backend (no effect afterwards)
     config = ml_collections.ConfigDict(config.to_dict())
     mesh = step_lib.make_mesh(config.train.num_devices)
     config_lib.validate(config, num_devices=mesh.size)
     workdir = os.path.abspath(workdir)
-    with workdir_lock(workdir):
+    with workdir_lock(workdir, wait=wait_for_lock):
         run = setup_lib.build_run(config, mesh)
         trainer = Trainer(run, workdir, stop_after_steps)
         try:
@@ -439,17 +440,20 @@ class StepMetrics:
 
 
 @contextlib.contextmanager
-def workdir_lock(workdir: str):
-    """Exclusive lock on a work dir, so that two runs never write into the same one."""
+def workdir_lock(workdir: str, wait: bool = False):
+    """Exclusive lock on a work dir, so that two runs never write into the same one.
+
+    A held lock raises :class:`~jaxkd.errors.WorkdirBusy`, or with ``wait`` blocks until the
+    other process lets it go."""
     os.makedirs(workdir, exist_ok=True)
     # one lock per process of a multi-process run (they share the work dir)
     path = os.path.join(workdir, ".lock" if jax.process_count() == 1 else f".lock.process{jax.process_index()}")
     fh = open(path, "w")
     try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
     except BlockingIOError:
         fh.close()
-        raise TrainingError(f"work dir {workdir!r} is in use by another jaxkd run (lock {path}); "
+        raise WorkdirBusy(f"work dir {workdir!r} is in use by another jaxkd run (lock {path}); "
                             "wait for it to finish or use another --workdir") from None
     try:
         fh.write(str(os.getpid()))
