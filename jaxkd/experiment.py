@@ -57,17 +57,23 @@ def preset_config(config: ml_collections.ConfigDict, name: str) -> ml_collection
     """``config`` with the named preset of ``config.presets`` applied.
 
     A preset is a dict of top-level config keys to values: it changes the method
-    (``{"method": {...}}``), declares stages (``{"stages": [...]}``) or replaces any other
-    section, e.g. ``{"model": {"name": "cnn", "kwargs": {}}}`` for another student. Each value
-    replaces its whole section (``ml_collections`` refuses dotted keys such as ``"model.name"``
-    inside a config, so presets cannot name single fields that way).
+    (``{"method": {...}}``, which replaces the whole method section: one method's options do not
+    carry over to another), declares stages (``{"stages": [...]}``) or changes fields of any other
+    section, e.g. ``{"model": {"name": "cnn", "kwargs": {}}}`` for another student or
+    ``{"data": {"copies": 3}}``: a dict given for a section sets only the fields it names (a
+    changed ``name`` first, which drops the old name's ``kwargs``), so everything else, such as a
+    command line's ``data.num_train_examples=3000``, stays as it was.
     """
     presets = config.presets.to_dict() if hasattr(config.presets, "to_dict") else dict(config.presets or {})
     if name not in presets:
         raise config_lib.ConfigError(f"unknown method preset {name!r}; config.presets has {sorted(presets)}")
     c = ml_collections.ConfigDict(config.to_dict())
     for key, value in presets[name].items():
-        config_lib.set_path(c, key, value)
+        if key != "method" and isinstance(value, dict) and isinstance(c.get(key), ml_collections.ConfigDict):
+            for field in sorted(value, key=lambda f: f != "name"):  # name first: it resets kwargs
+                config_lib.set_path(c, f"{key}.{field}", value[field])
+        else:
+            config_lib.set_path(c, key, value)
     return c
 
 

@@ -299,7 +299,9 @@ def test_fidelity_presets_build_and_differ_only_where_named():
     c = load_config(os.path.join(root, "experiments/configs/fashion_fidelity.py"))
     built = {}
     for name in c.presets:
-        p = apply_overrides(preset_config(c, name), ["data.num_train_examples=3000"])
+        p = preset_config(apply_overrides(c, ["data.num_train_examples=3000", "train.progress=False"]), name)
+        # a preset sets only the fields it names: the command line's subset and settings stay
+        assert p.data.num_train_examples == 3000 and p.train.progress is False and p.data.batch_size == c.data.batch_size
         validate(p)
         methods = [s["method"] for s in p.stages] if p.get("stages") else [p.method]
         built[name] = ([build_recipe(m) for m in methods], p)
@@ -310,6 +312,9 @@ def test_fidelity_presets_build_and_differ_only_where_named():
     assert built["ens_relabel_data"][1].data.copies == n and built["ens_avg"][1].data.copies == 1
     assert built["ens_avg_long"][1].train.num_epochs == n * built["ens_avg"][1].train.num_epochs
     assert built["meal_v2_ref"][0][0].aux_optim == {"weight_decay": 0.0}
+    ft = built["meal_v2_ref"][1]  # fine-tuning: init and lr changed, the rest of model and optim kept
+    assert ft.model.init_from.endswith("baseline/seed{seed}") and ft.optim.lr == 0.01
+    assert ft.model.name == c.model.name and ft.optim.to_dict() == {**c.optim.to_dict(), "lr": 0.01}
     assert built["meal_v2_gan"][0][0].aux_optim["name"] == "adam"
     # the digits feature presets keep their recorded names and options, with the new ones beside
     d = load_config(os.path.join(root, "experiments/configs/digits_features.py")).presets.to_dict()

@@ -7,13 +7,14 @@ import os
 import textwrap
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
 from jaxkd import config as config_lib
 from jaxkd.core import build_recipe, recipe_options
 from jaxkd.errors import ConfigError
-from jaxkd.experiment import teacher_config
+from jaxkd.experiment import preset_config, teacher_config
 from jaxkd.train import checkpoint as ckpt_lib
 from jaxkd.train.loop import train_and_evaluate
 
@@ -144,3 +145,21 @@ def test_a_changed_name_drops_the_old_names_options():
     same = config_lib.apply_overrides(c, ["model.name=mlp"])  # unchanged name: options kept
     assert same.model.kwargs.to_dict() == {"hidden": (16,)}
     assert teacher_config(c).method.to_dict() == {"name": "ce"}
+
+
+def test_a_preset_sets_the_fields_it_names_and_replaces_the_method():
+    c = config_lib.apply_overrides(tiny_digits_config(), ["data.num_train_examples=300", "optim.lr=0.2"])
+    c.presets = {
+        "dkd": {"method": {"name": "dkd", "beta": 2.0}},  # whole method: no KD temperature carried over
+        "cnn": {"model": {"kwargs": {"width": 8}, "name": "cnn"}, "data": {"copies": 2}, "optim": {"lr": 0.01}},
+        "stages": {"stages": [{"name": "a", "num_epochs": 1, "method": {"name": "ce"}}]},
+    }
+    dkd = preset_config(c, "dkd")
+    assert dkd.method.to_dict() == {"name": "dkd", "beta": 2.0}
+    cnn = preset_config(c, "cnn")  # name applied first, so the kwargs given with it stay
+    assert cnn.model.name == "cnn" and cnn.model.kwargs.to_dict() == {"width": 8}
+    assert cnn.data.copies == 2 and cnn.data.num_train_examples == 300 and cnn.data.name == c.data.name
+    assert cnn.optim.lr == 0.01 and cnn.optim.name == c.optim.name and cnn.method == c.method
+    assert preset_config(c, "stages").stages[0]["method"] == {"name": "ce"}
+    with pytest.raises(ConfigError, match="unknown config key 'data.copys'; did you mean 'data.copies'"):
+        preset_config(ml_collections.ConfigDict({**c.to_dict(), "presets": {"bad": {"data": {"copys": 2}}}}), "bad")

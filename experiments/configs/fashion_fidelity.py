@@ -56,9 +56,8 @@ def fidelity_presets(c, first_stage_epochs: int = 2) -> dict:
                 "name": "hinton_kd", "temperature": 4.0, "gamma": 1.0, "t2": t2,
                 "alpha": {"type": "linear", "init": 4.0, "end": 1.0}}}]}
 
-    # presets take whole sub-dicts, not dotted keys
-    finetune = {"model": {**c.model.to_dict(), "init_from": os.path.join(COMPARE_DIR, "baseline", "seed{seed}")},
-                "optim": {**c.optim.to_dict(), "lr": 0.01}}
+    # a preset's section dict sets only the fields it names (jaxkd.experiment.preset_config)
+    finetune = {"model": {"init_from": os.path.join(COMPARE_DIR, "baseline", "seed{seed}")}, "optim": {"lr": 0.01}}
     return {
         "kd": {"method": {"name": "hinton_kd", **KD}},
         "fitnets_two_stage": fitnets(True),
@@ -71,9 +70,9 @@ def fidelity_presets(c, first_stage_epochs: int = 2) -> dict:
         "ft_ce": {"method": {"name": "ce"}, **finetune},
         "ens_avg": {"method": {"name": "ensemble_kd", **KD}, "teachers": TEACHERS},
         "ens_relabel_data": {"method": {"name": "relabel_data_kd", **KD}, "teachers": TEACHERS,
-                             "data": {**c.data.to_dict(), "copies": NUM_TEACHERS}},
+                             "data": {"copies": NUM_TEACHERS}},
         "ens_avg_long": {"method": {"name": "ensemble_kd", **KD}, "teachers": TEACHERS,
-                         "train": {**c.train.to_dict(), "num_epochs": NUM_TEACHERS * c.train.num_epochs}},
+                         "train": {"num_epochs": NUM_TEACHERS * c.train.num_epochs}},
     }
 
 

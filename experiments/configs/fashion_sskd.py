@@ -33,7 +33,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 PRE_EPOCHS = 8       # the teacher-head stage (reference: 60 epochs for 240 student epochs)
 STUDENT_EPOCHS = 10  # as fashion_features.py
-# (a preset replaces whole top-level keys: the model section is given in full)
 CNN = {"model": {"name": "cnn", "kwargs": {"width": 16, "hidden": 64}, "init_from": None}}
 
 
