@@ -23,7 +23,7 @@ done
 # (config.teachers); MEAL V2 and ft_ce fine-tune this comparison's baseline students, which
 # compare trains first
 all=kd,fitnets_two_stage,fitnets_two_stage_no_t2,at,at_paper,at_paper_unscaled
-all=$all,meal_v2_ref,meal_v2_gan,ft_ce,ens_avg,ens_relabel_data,ens_avg_long
+all=$all,meal_v2_ref,meal_v2_gan,ft_ce,ens_avg,ens_relabel_data,ens_avg_long,ce_long
 JAXKD_FIDELITY_COMPARE_DIR="$out/n3000" $jaxkd compare --config $cfg --workdir "$out/n3000" --seeds 0,1,2 \
   --no-progress --methods "${METHODS:-$all}" teacher.workdir="$out/teachers/seed0" data.num_train_examples=3000
 cat "$out/n3000/results.md"

@@ -311,6 +311,7 @@ def test_fidelity_presets_build_and_differ_only_where_named():
     assert n == (int(os.environ.get("JAXKD_FIDELITY_TEACHERS", "2"))) and len(built["meal_v2_ref"][1].teachers) == n
     assert built["ens_relabel_data"][1].data.copies == n and built["ens_avg"][1].data.copies == 1
     assert built["ens_avg_long"][1].train.num_epochs == n * built["ens_avg"][1].train.num_epochs
+    assert built["ce_long"][1].train.num_epochs == n * c.train.num_epochs and built["ce_long"][1].method.name == "ce"
     assert built["meal_v2_ref"][0][0].aux_optim == {"weight_decay": 0.0}
     ft = built["meal_v2_ref"][1]  # fine-tuning: init and lr changed, the rest of model and optim kept
     assert ft.model.init_from.endswith("baseline/seed{seed}") and ft.optim.lr == 0.01

@@ -30,7 +30,8 @@ Presets:
 * ``ens_avg``: KD from the uniform average of the N teachers' soft labels (gamma 0.1,
   alpha 0.9, T 4); ``ens_relabel_data``: the relabelled data set (``data.copies = N``, each epoch
   every example N times, once per teacher, so N times the steps);
-  ``ens_avg_long``: uniform averaging for N × 10 epochs, the relabelled run's number of steps.
+  ``ens_avg_long``: uniform averaging for N × 10 epochs, the relabelled run's number of steps;
+  ``ce_long``: the baseline (cross-entropy) for as many epochs, the control of both.
 """
 
 import os
@@ -73,6 +74,7 @@ def fidelity_presets(c, first_stage_epochs: int = 2) -> dict:
                              "data": {"copies": NUM_TEACHERS}},
         "ens_avg_long": {"method": {"name": "ensemble_kd", **KD}, "teachers": TEACHERS,
                          "train": {"num_epochs": NUM_TEACHERS * c.train.num_epochs}},
+        "ce_long": {"method": {"name": "ce"}, "train": {"num_epochs": NUM_TEACHERS * c.train.num_epochs}},
     }
 
 
