@@ -68,12 +68,14 @@ def preset_config(config: ml_collections.ConfigDict, name: str) -> ml_collection
     if name not in presets:
         raise config_lib.ConfigError(f"unknown method preset {name!r}; config.presets has {sorted(presets)}")
     c = ml_collections.ConfigDict(config.to_dict())
+    pairs = []
     for key, value in presets[name].items():
         if key != "method" and isinstance(value, dict) and isinstance(c.get(key), ml_collections.ConfigDict):
-            for field in sorted(value, key=lambda f: f != "name"):  # name first: it resets kwargs
-                config_lib.set_path(c, f"{key}.{field}", value[field])
+            pairs += [(f"{key}.{field}", v) for field, v in value.items()]
         else:
-            config_lib.set_path(c, key, value)
+            pairs.append((key, value))
+    for key, value in config_lib.names_first(pairs):  # as on the command line: a changed name resets kwargs
+        config_lib.set_path(c, key, value)
     return c
 
 
