@@ -27,6 +27,18 @@ if [ ! -f "$teacher/summary.json" ]; then
   $jaxkd train --config $cfg --workdir "$teacher" model.name=resnet20 "model.kwargs={}" \
     method.name=ce train.num_epochs=3 train.progress=False > /dev/null
 fi
+# the teacher head, trained once on all training images (HEAD_EPOCHS epochs, SGD 0.05, x0.1 at half and
+# three quarters) and loaded, frozen, by every SSKD run (JAXKD_SSKD_HEAD; see fashion_sskd.py);
+# SSKD_HEAD=in_run: each SSKD run trains its own head first, on its subset (fashion_sskd.py's PRE_EPOCHS)
+if [ "${SSKD_HEAD:-shared}" = shared ]; then
+  head_epochs="${HEAD_EPOCHS:-6}"
+  if [ ! -f "$out/teacher_head/summary.json" ]; then
+    $jaxkd train --config $cfg --workdir "$out/teacher_head" teacher.workdir="$teacher" \
+      method.name=sskd_teacher_head train.num_epochs=$head_epochs optim.schedule=step \
+      "optim.milestones=($((head_epochs / 2)),$((3 * head_epochs / 4)))" train.progress=False > /dev/null
+  fi
+  export JAXKD_SSKD_HEAD="$out/teacher_head"
+fi
 # 1,000 images: everything; 3,000 images: the resnet8 rows (baseline, KD, CRD, SSKD)
 for n in ${SIZES:-1000 3000}; do
   if [ "$n" = 1000 ]; then methods="${METHODS_1000:-kd,crd,sskd,sskd_unlabelled,ce_cnn,kd_cnn,sskd_cnn}"
@@ -38,27 +50,39 @@ if [ "${AUGMENT_CONTROL:-1}" = 1 ]; then
   $jaxkd compare --config $cfg --workdir "$out/n1000_augment" --seeds "$seeds" --no-progress --methods kd \
     teacher.workdir="$teacher" data.num_train_examples=1000 "data.augment={'pad': 4, 'flip': True}"
 fi
-# the teacher head after its stage: rotation-retrieval accuracy (train/ss_acc_t) of its first and last epoch
-# on the training views, and on the test split (jaxkd.train.sskd_eval.evaluate_teacher_head: the four
-# rotations of each test image, retrieved among the batch's originals, batch = the training batch)
+# the teacher head: its rotation-retrieval accuracy (train/ss_acc_t) in the first and last epoch of its
+# training on the training views, and on the test split (jaxkd.train.sskd_eval.evaluate_teacher_head: the four
+# rotations of each test image, retrieved among the batch's originals, batch = the training batch); then, for
+# every SSKD run, the heads' retrieval and the fraction of rows kept in its last epoch (means over seeds)
 $python - "$out" <<'EOF'
 import glob, json, os, statistics, sys
 from jaxkd.train.sskd_eval import evaluate_teacher_head
-rows = {}
-for path in sorted(glob.glob(os.path.join(sys.argv[1], "n*", "sskd*", "seed*", "metrics.jsonl"))):
-    recs = [json.loads(line) for line in open(path)]
-    head = [r for r in recs if r.get("stage") == "teacher_head"]
-    student = [r for r in recs if r.get("stage") == "student"]
-    run = os.path.relpath(os.path.dirname(os.path.dirname(path)), sys.argv[1])
-    test = evaluate_teacher_head(os.path.dirname(path))["accuracy"]
-    rows.setdefault(run, []).append((head[0]["train/ss_acc_t"], head[-1]["train/ss_acc_t"], test,
-                                     student[-1]["train/ss_acc_s"], student[-1]["train/ss_kept"]))
-lines = ["| run | seeds | teacher head ss_acc, first epoch | after the pre-stage | on the test split"
-         " | student head ss_acc, last epoch | similarity rows kept |", "|---|---|---|---|---|---|---|"]
-for run, vals in rows.items():
-    cols = [statistics.fmean(v[i] for v in vals) for i in range(5)]
+out = sys.argv[1]
+def records(workdir):
+    return [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+heads, runs = [], {}
+for path in [os.path.join(out, "teacher_head", "metrics.jsonl")] + sorted(
+        glob.glob(os.path.join(out, "n*", "sskd*", "seed*", "metrics.jsonl"))):
+    if not os.path.exists(path):
+        continue
+    workdir, recs = os.path.dirname(path), records(os.path.dirname(path))
+    head = [r for r in recs if r.get("stage") == "teacher_head" or "train/ss_head_loss" in r]
+    if head:  # this run trained the head (the shared head run, or an in-run pre-stage)
+        heads.append((os.path.relpath(workdir, out), len(head), head[0]["train/ss_acc_t"], head[-1]["train/ss_acc_t"],
+                      evaluate_teacher_head(workdir)["accuracy"]))
+    student = [r for r in recs if "train/ss_acc_s" in r]
+    if student:
+        run = os.path.relpath(os.path.dirname(workdir), out)
+        runs.setdefault(run, []).append([student[-1][f"train/{k}"] for k in ("ss_acc_t", "ss_acc_s", "ss_kept", "tf_kept")])
+lines = ["| teacher head trained in | epochs | ss_acc_t, first epoch | last epoch | on the test split |",
+         "|---|---|---|---|---|"]
+lines += [f"| {h[0]} | {h[1]} | " + " | ".join(f"{100 * v:.1f} %" for v in h[2:]) + " |" for h in heads]
+lines += ["", "| SSKD run | seeds | teacher head ss_acc (training views, last epoch) | student head ss_acc"
+          " | similarity rows kept | rotated views kept |", "|---|---|---|---|---|---|"]
+for run, vals in runs.items():
+    cols = [statistics.fmean(v[i] for v in vals) for i in range(4)]
     lines.append(f"| {run} | {len(vals)} | " + " | ".join(f"{100 * c:.1f} %" for c in cols) + " |")
 report = "\n".join(lines) + "\n"
-open(os.path.join(sys.argv[1], "retrieval.md"), "w").write(report)
+open(os.path.join(out, "retrieval.md"), "w").write(report)
 print(report)
 EOF

@@ -322,6 +322,37 @@ def test_two_stages_resume_exactly_in_either_stage_and_a_later_run_loads_the_hea
         evaluate_teacher_head(str(tmp_path / "nothing"))
 
 
+def test_study_presets_load_a_shared_head_or_train_their_own(monkeypatch):
+    """experiments/configs/fashion_sskd.py: with JAXKD_SSKD_HEAD the SSKD presets are the student stage
+    alone, reading that run's teacher head; without it, a teacher-head stage then the student stage."""
+    import os
+
+    from jaxkd.config import load_config
+    from jaxkd.experiment import preset_config
+    path = os.path.join(os.path.dirname(__file__), "..", "experiments", "configs", "fashion_sskd.py")
+    for head in ("runs/sskd/teacher_head", ""):
+        monkeypatch.setenv("JAXKD_SSKD_HEAD", head)
+        c = load_config(path)
+        for name, model, labels in (("sskd", "resnet8", True), ("sskd_unlabelled", "resnet8", False),
+                                    ("sskd_cnn", "cnn", True)):
+            p = preset_config(c, name)
+            assert (p.model.name, p.method.name, p.method.get("use_labels", True)) == (model, "sskd", labels)
+            if head:
+                assert p.aux_init_from.to_dict() == {"sskd_head_t": head} and not p.get("stages")
+            else:
+                assert p.aux_init_from.to_dict() == {}
+                pre, student = p.stages
+                assert (pre["method"]["name"], pre["num_epochs"], student["num_epochs"]) == ("sskd_teacher_head", 8, 10)
+                assert tuple(pre["optim"]["milestones"]) == (4, 6) and pre["optim"]["lr"] == 0.05
+                assert student["method"] == p.method.to_dict()
+            build_recipe(p.method.to_dict())
+        for name, weights in (("sskd_no_ss", {"ss_weight": 0.0}), ("sskd_views_only", {"ss_weight": 0.0, "tf_weight": 0.0})):
+            assert preset_config(c, name).method.to_dict() == {"name": "sskd", **weights}
+        for name in ("kd", "crd", "ce_cnn", "kd_cnn"):  # no teacher head outside SSKD
+            p = preset_config(c, name)
+            assert p.aux_init_from.to_dict() == {} and not p.get("stages")
+
+
 # ---------------------------------------------------------------------------------------------
 # 8 devices
 # ---------------------------------------------------------------------------------------------
