@@ -1,21 +1,20 @@
 #!/usr/bin/env bash
-# The SSKD study behind docs/experiments.md: Fashion-MNIST with limited labels (1,000 and 3,000
+# The SSKD study behind docs/experiments.md §5: Fashion-MNIST with limited labels (1,000 and 3,000
 # training images), 3 seeds, best and last epoch:
-#   resnet20 -> resnet8: baseline, KD, CRD, SSKD (both sizes), SSKD without labels (1,000);
+#   the teacher head, trained once on all 60,000 images (HEAD_EPOCHS, default 6) and loaded, frozen,
+#   by every SSKD run (SSKD_HEAD=in_run: each run trains its own head on its subset first);
+#   resnet20 -> resnet8: baseline, KD, CRD, SSKD (both sizes), SSKD without labels and two SSKD
+#   ablations (without the similarity term; without both auxiliary terms) (1,000);
 #   resnet20 -> cnn (the heterogeneous pair, 1,000): CE, KD, SSKD;
 #   augmentation control (1,000): baseline and KD with the crop + flip that SSKD's views carry;
-# then the teacher head's rotation-retrieval accuracy after the pre-stage of every SSKD run.
-#   bash experiments/sskd_study.sh     # needs the Fashion-MNIST IDX files; cost: see below
-# SIZES="1000" runs one subset size; TEACHER=runs/fashion_features/teacher reuses the feature
-# study's teacher (the same config: resnet20, CE, 3 epochs on all 60k images).
-# SEEDS="0" runs one seed. Cost, estimated from one short timing (1,000 images, 2 epochs of
-# baseline and KD, 1 + 2 epochs of SSKD) on 2 CPU cores shared with other jobs (load ~9): an
-# epoch took ~39 s for baseline/KD, ~80 s for the SSKD student stage, ~40 s for the teacher-head
-# stage (most of the last was the eval of the unchanged student, which the stage now skips:
-# "evaluate": False), so one SSKD run (8 + 10 epochs)
-# ~20 min and a KD run ~7 min at 1,000 images; the study then takes ~5.5 h at 1,000 images and
-# ~5.3 h at 3,000 (11 h in all, plus ~25 min for the teacher unless reused) at that load; expect
-# roughly half on a quiet machine.
+#   longer training (1,000, seed 0 only): baseline, KD, SSKD for 30 epochs (LONG_CONTROL=0 skips it);
+# then the teacher head's rotation-retrieval accuracy (retrieval.md).
+#   bash experiments/sskd_study.sh     # needs the Fashion-MNIST IDX files
+# SIZES="1000" runs one subset size, SEEDS="0" one seed; TEACHER=runs/fashion_modern/teacher reuses
+# §3c's teacher (otherwise one is trained: resnet20, CE, 3 epochs on all 60k images).
+# Cost on the shared 2 CPU cores (wall-clock per run, other runs alongside): the head 61 min;
+# at 1,000 images baseline/KD 1-2 min, CRD 2.5, SSKD 2.5, cnn runs about 1; at 3,000 images SSKD
+# ~6 min (§3c's baseline/KD/CRD, 5-22 min, were reused); the whole study about 2 h 45 min with them reused.
 set -euo pipefail
 cfg=experiments/configs/fashion_sskd.py
 out="${RUNS:-runs}/fashion_sskd"
@@ -41,7 +40,8 @@ if [ "${SSKD_HEAD:-shared}" = shared ]; then
 fi
 # 1,000 images: everything; 3,000 images: the resnet8 rows (baseline, KD, CRD, SSKD)
 for n in ${SIZES:-1000 3000}; do
-  if [ "$n" = 1000 ]; then methods="${METHODS_1000:-kd,crd,sskd,sskd_unlabelled,ce_cnn,kd_cnn,sskd_cnn}"
+  if [ "$n" = 1000 ]; then
+    methods="${METHODS_1000:-kd,crd,sskd,sskd_unlabelled,sskd_no_ss,sskd_views_only,ce_cnn,kd_cnn,sskd_cnn}"
   else methods="${METHODS_OTHER:-kd,crd,sskd}"; fi
   $jaxkd compare --config $cfg --workdir "$out/n$n" --seeds "$seeds" --no-progress --methods "$methods" \
     teacher.workdir="$teacher" data.num_train_examples=$n
@@ -49,6 +49,10 @@ done
 if [ "${AUGMENT_CONTROL:-1}" = 1 ]; then
   $jaxkd compare --config $cfg --workdir "$out/n1000_augment" --seeds "$seeds" --no-progress --methods kd \
     teacher.workdir="$teacher" data.num_train_examples=1000 "data.augment={'pad': 4, 'flip': True}"
+fi
+if [ "${LONG_CONTROL:-1}" = 1 ] && [ "${SSKD_HEAD:-shared}" = shared ]; then  # (in-run stages fix 10 student epochs)
+  $jaxkd compare --config $cfg --workdir "$out/n1000_e30" --seeds 0 --no-progress --methods kd,sskd \
+    teacher.workdir="$teacher" data.num_train_examples=1000 train.num_epochs=30
 fi
 # the teacher head: its rotation-retrieval accuracy (train/ss_acc_t) in the first and last epoch of its
 # training on the training views, and on the test split (jaxkd.train.sskd_eval.evaluate_teacher_head: the four

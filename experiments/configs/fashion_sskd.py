@@ -13,7 +13,7 @@ The data, models, optimizer and 10-epoch student schedule of ``fashion_features.
   the reference's weights (0.1 CE, 0.9 KD at T 4, 2.7 rotated-view KD at T 4 with ratio 1.0,
   10 similarity KD at T 0.5 with ratio 0.75), the teacher head read frozen.
   With ``JAXKD_SSKD_HEAD=<work dir>`` in the environment, the SSKD presets (``sskd``,
-  ``sskd_unlabelled``, ``sskd_cnn``) are instead the student stage alone, with the teacher head
+  ``sskd_unlabelled``, ``sskd_cnn`` and the ablations below) are instead the student stage alone, with the teacher head
   loaded frozen from that run (``aux_init_from``): a head trained once, by the method
   ``sskd_teacher_head``, on all 60,000 training images (what ``sskd_study.sh`` does, since the
   in-run pre-stage on a 1,000-image subset is only 56 steps and leaves the head near chance).
