@@ -30,11 +30,9 @@ fi
 # three quarters) and loaded, frozen, by every SSKD run (JAXKD_SSKD_HEAD; see fashion_sskd.py);
 # SSKD_HEAD=in_run: each SSKD run trains its own head first, on its subset (fashion_sskd.py's PRE_EPOCHS)
 if [ "${SSKD_HEAD:-shared}" = shared ]; then
-  head_epochs="${HEAD_EPOCHS:-6}"
   if [ ! -f "$out/teacher_head/summary.json" ]; then
-    $jaxkd train --config $cfg --workdir "$out/teacher_head" teacher.workdir="$teacher" \
-      method.name=sskd_teacher_head train.num_epochs=$head_epochs optim.schedule=step \
-      "optim.milestones=($((head_epochs / 2)),$((3 * head_epochs / 4)))" train.progress=False > /dev/null
+    JAXKD_SSKD_HEAD_EPOCHS="${HEAD_EPOCHS:-6}" $jaxkd train --config experiments/configs/fashion_sskd_head.py \
+      --workdir "$out/teacher_head" teacher.workdir="$teacher" train.progress=False > /dev/null
   fi
   export JAXKD_SSKD_HEAD="$out/teacher_head"
 fi

@@ -324,7 +324,8 @@ def test_two_stages_resume_exactly_in_either_stage_and_a_later_run_loads_the_hea
 
 def test_study_presets_load_a_shared_head_or_train_their_own(monkeypatch):
     """experiments/configs/fashion_sskd.py: with JAXKD_SSKD_HEAD the SSKD presets are the student stage
-    alone, reading that run's teacher head; without it, a teacher-head stage then the student stage."""
+    alone, reading that run's teacher head; without it, a teacher-head stage then the student stage.
+    fashion_sskd_head.py trains that shared head."""
     import os
 
     from jaxkd.config import load_config
@@ -351,6 +352,14 @@ def test_study_presets_load_a_shared_head_or_train_their_own(monkeypatch):
         for name in ("kd", "crd", "ce_cnn", "kd_cnn"):  # no teacher head outside SSKD
             p = preset_config(c, name)
             assert p.aux_init_from.to_dict() == {} and not p.get("stages")
+    # the shared head's own run: the pre-stage's optimizer, milestones at half and three quarters
+    head_path = path.replace("fashion_sskd.py", "fashion_sskd_head.py")
+    for epochs, milestones in (("", (3, 4)), ("8", (4, 6))):
+        monkeypatch.setenv("JAXKD_SSKD_HEAD_EPOCHS", epochs)
+        h = load_config(head_path)
+        assert (h.method.to_dict(), h.train.num_epochs) == ({"name": "sskd_teacher_head"}, int(epochs or 6))
+        assert (h.optim.name, h.optim.lr, h.optim.schedule, tuple(h.optim.milestones), h.optim.decay) == (
+            "sgd", 0.05, "step", milestones, 0.1)
 
 
 # ---------------------------------------------------------------------------------------------
