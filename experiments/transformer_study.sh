@@ -25,7 +25,8 @@
 # while other jobs share the CPU; fashion_full needs an accelerator or a night. Factor-2 estimates.
 # Measured (docs/experiments.md §4, 2026-11-30): the MNIST-1D teacher 25.5 min and both MNIST-1D
 # parts ~1 h 55 min of wall-clock in all, on the 2 cores shared with a second study.
-# FASHION_TEACHER_EPOCHS=3 trains a cheaper Fashion teacher.
+# FASHION_TEACHER_EPOCHS=3 trains a cheaper Fashion teacher. FASHION_FULL_EPOCHS / FASHION_FULL_INTERMEDIATE
+# (default 10 / 3, as the limited part) shorten the full-data part; §4 ran it at 2 / 1 (938 steps).
 set -euo pipefail
 out="${RUNS:-runs}/transformer"
 jaxkd="${JAXKD:-jaxkd}"
@@ -33,6 +34,7 @@ parts="${PARTS:-mnist1d_full mnist1d_limited fashion_limited}"  # fashion_full: 
 methods="${METHODS:-kd,tinybert,minilm}"  # add minilm_v2: METHODS=kd,tinybert,minilm,minilm_v2
 seeds="${SEEDS:-0,1,2}"
 fashion_teacher_epochs="${FASHION_TEACHER_EPOCHS:-5}"  # the Fashion ViT teacher's epochs on all 60k images
+full_epochs="${FASHION_FULL_EPOCHS:-10}" full_intermediate="${FASHION_FULL_INTERMEDIATE:-3}"
 fashion=experiments/configs/fashion_vit.py
 mnist1d=experiments/configs/mnist1d_transformer.py
 
@@ -56,7 +58,8 @@ for part in $parts; do
         --methods "$methods" teacher.workdir="$out/fashion/teacher" data.num_train_examples=5000 ;;
     fashion_full)
       teacher $fashion "$out/fashion/teacher" "$fashion_teacher_epochs" "(7, 7)"
-      $jaxkd compare --config $fashion --workdir "$out/$part" --seeds "$seeds" --no-progress \
+      JAXKD_VIT_EPOCHS=$full_epochs JAXKD_VIT_INTERMEDIATE=$full_intermediate \
+        $jaxkd compare --config $fashion --workdir "$out/$part" --seeds "$seeds" --no-progress \
         --methods "$methods" teacher.workdir="$out/fashion/teacher" ;;
     *) echo "unknown part $part (mnist1d_full, mnist1d_limited, fashion_limited, fashion_full)" >&2; exit 2 ;;
   esac

@@ -177,6 +177,29 @@ def test_tinybert_stages_helper():
         build_recipe(s["method"])
 
 
+def test_study_budget_from_the_environment(monkeypatch):
+    """experiments/configs/fashion_vit.py: 10 epochs (3 intermediate) by default; JAXKD_VIT_EPOCHS /
+    JAXKD_VIT_INTERMEDIATE set the budget of every preset (the study's full-data part runs 2 / 1)."""
+    from jaxkd.config import load_config
+    from jaxkd.experiment import preset_config
+    path = os.path.join(os.path.dirname(__file__), "..", "experiments", "configs", "fashion_vit.py")
+    for env, (epochs, first, rest) in (({}, (10, 3, 7)), ({"JAXKD_VIT_EPOCHS": "2", "JAXKD_VIT_INTERMEDIATE": "1"}, (2, 1, 1)),
+                                       ({"JAXKD_VIT_EPOCHS": "12"}, (12, 3, 9))):
+        for name in ("JAXKD_VIT_EPOCHS", "JAXKD_VIT_INTERMEDIATE"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        c = load_config(path)
+        assert c.train.num_epochs == epochs and not preset_config(c, "kd").get("stages")
+        for preset, methods in (("tinybert", ("tinybert", "tinybert")), ("minilm", ("minilm", "ce"))):
+            stages = preset_config(c, preset).stages
+            assert [(s["method"]["name"], s["num_epochs"]) for s in stages] == list(zip(methods, (first, rest)))
+    monkeypatch.setenv("JAXKD_VIT_EPOCHS", "2")
+    monkeypatch.setenv("JAXKD_VIT_INTERMEDIATE", "2")
+    with pytest.raises(Exception, match="JAXKD_VIT_INTERMEDIATE=2 must lie between 0 and JAXKD_VIT_EPOCHS=2"):
+        load_config(path)
+
+
 # ----------------------------------------------------------------------------- MiniLM
 
 def np_kl_rows(p_t, p_s, m):

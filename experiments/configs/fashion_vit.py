@@ -19,8 +19,13 @@ class-averaged form, no hard labels); MiniLM ``INTERMEDIATE`` epochs of last-lay
 AdamW (lr 1e-3, weight decay 0.05, cosine with one warm-up epoch; each stage restarts its
 schedule), batch 128, no augmentation.
 
+``JAXKD_VIT_EPOCHS`` and ``JAXKD_VIT_INTERMEDIATE`` in the environment change the budget (default
+10 and 3); the study's full-data part runs 2 and 1 to fit a 2-core CPU (experiments/transformer_study.sh).
+
 Needs the Fashion-MNIST IDX files (see fashion_mnist.py).
 """
+
+import os
 
 from jaxkd.config import base_config
 from jaxkd.methods.transformer_kd import tinybert_stages
@@ -65,6 +70,11 @@ def get_config():
     c.optim.weight_decay = 0.05
     c.optim.schedule = "cosine"
     c.optim.warmup_epochs = 1.0
-    c.train.num_epochs = EPOCHS
-    c.presets = transformer_presets()
+    epochs = int(os.environ.get("JAXKD_VIT_EPOCHS", EPOCHS))
+    intermediate = int(os.environ.get("JAXKD_VIT_INTERMEDIATE", INTERMEDIATE))
+    if not 0 < intermediate < epochs:
+        raise ValueError(f"JAXKD_VIT_INTERMEDIATE={intermediate} must lie between 0 and JAXKD_VIT_EPOCHS={epochs} "
+                         "(the two-stage methods need epochs for both stages)")
+    c.train.num_epochs = epochs
+    c.presets = transformer_presets(epochs, intermediate)
     return c
