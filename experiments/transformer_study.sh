@@ -10,31 +10,27 @@
 # (accuracy of every seed, the students' parameter counts and images/s) under $RUNS/transformer/.
 #
 #   bash experiments/transformer_study.sh                    # MNIST-1D full + limited, Fashion limited
-#   PARTS="fashion_full" bash experiments/transformer_study.sh   # Fashion-MNIST on all 60k images
+#   PARTS="fashion_full" bash experiments/transformer_study.sh   # Fashion-MNIST on all 60k images (2 epochs)
 #
-# Cost. Measured on the shared 2-core CPU under load (load average ~10, i.e. ~1/4.5 of the machine),
-# MNIST-1D, batch 128, from the difference of 2- and 6-epoch runs on 2,000 signals (compilation
-# and start-up cancel): a student CE step 0.39 s, a TinyBERT step (teacher forward inside) 2.0 s.
-# benchmarks/bench_transformer_kd.py (Fashion, 17 tokens) puts KD at ~0.7x and MiniLM at ~1.2x a
-# TinyBERT step, and the Fashion steps at ~1.6x the MNIST-1D ones. Divided by 4.5 for a quiet
-# machine, the estimates are:
-#   mnist1d_full ~50 min, mnist1d_limited ~12 min, the MNIST-1D teacher (30 epochs) ~10 min;
-#   fashion_limited ~32 min, the Fashion teacher (5 epochs on 60k images) ~45 min;
-#   fashion_full ~7 h (10 epochs on 60k images x 12 students); minilm_v2 adds ~20 % to a part.
-# The default parts (the first three, with both teachers) take ~2.5 h on a quiet machine, 4-5x that
-# while other jobs share the CPU; fashion_full needs an accelerator or a night. Factor-2 estimates.
-# Measured (docs/experiments.md §4, 2026-11-30): the MNIST-1D teacher 25.5 min and both MNIST-1D
-# parts ~1 h 55 min of wall-clock in all, on the 2 cores shared with a second study.
-# FASHION_TEACHER_EPOCHS=3 trains a cheaper Fashion teacher. FASHION_FULL_EPOCHS / FASHION_FULL_INTERMEDIATE
-# (default 10 / 3, as the limited part) shorten the full-data part; §4 ran it at 2 / 1 (938 steps).
+# Budgets: MNIST-1D 30 epochs per student (teacher 30); Fashion 10 epochs on the 5,000-image subset,
+# but only FASHION_FULL_EPOCHS=2 (FASHION_FULL_INTERMEDIATE=1 of them distillation for the two-stage
+# methods) on all 60,000, and a FASHION_TEACHER_EPOCHS=4 teacher, so the Fashion parts fit a 2-core CPU.
+# FASHION_FULL_EPOCHS=10 FASHION_FULL_INTERMEDIATE=3 gives the full part the limited part's budget.
+#
+# Cost, measured wall-clock on the 2-core CPU (docs/experiments.md §4 and §4b, 2026-11-30), evals
+# and compilation included: the MNIST-1D teacher 25.5 min, both MNIST-1D parts ~1 h 55 min in all
+# (cores shared with a second study); minilm_v2 adds ~20 % to a part. On idle cores: the Fashion
+# teacher 34 min (4 epochs), fashion_limited 41 min (12 runs: baseline 2.3 min, KD 3.7, TinyBERT
+# 3.9, MiniLM 2.8 each), fashion_full 70 min (12 runs of 2 epochs: baseline 3.4 min, KD 6.8, TinyBERT 7.2, MiniLM 5.1).
+# At 10 epochs fashion_full would take ~5x that: an accelerator's job.
 set -euo pipefail
 out="${RUNS:-runs}/transformer"
 jaxkd="${JAXKD:-jaxkd}"
 parts="${PARTS:-mnist1d_full mnist1d_limited fashion_limited}"  # fashion_full: opt in
 methods="${METHODS:-kd,tinybert,minilm}"  # add minilm_v2: METHODS=kd,tinybert,minilm,minilm_v2
 seeds="${SEEDS:-0,1,2}"
-fashion_teacher_epochs="${FASHION_TEACHER_EPOCHS:-5}"  # the Fashion ViT teacher's epochs on all 60k images
-full_epochs="${FASHION_FULL_EPOCHS:-10}" full_intermediate="${FASHION_FULL_INTERMEDIATE:-3}"
+fashion_teacher_epochs="${FASHION_TEACHER_EPOCHS:-4}"  # the Fashion ViT teacher's epochs on all 60k images
+full_epochs="${FASHION_FULL_EPOCHS:-2}" full_intermediate="${FASHION_FULL_INTERMEDIATE:-1}"  # fashion_full's budget
 fashion=experiments/configs/fashion_vit.py
 mnist1d=experiments/configs/mnist1d_transformer.py
 
