@@ -7,7 +7,7 @@ token counts). ``model.name=vit_student2`` gives the 2-layer student (uniform ma
 ``model.kwargs.patch_size=(1, 28)`` (and the same for the teacher) reads each image as a sequence
 of its 28 rows instead.
 
-    bash experiments/transformer_study.sh        # the study: full data and 5,000 images, 3 seeds
+    PARTS="fashion_limited fashion_full" bash experiments/transformer_study.sh   # the study (docs §4b)
     jaxkd compare --config experiments/configs/fashion_vit.py --workdir runs/fvit --methods kd,tinybert,minilm
 
 Every method trains the student for ``EPOCHS`` epochs in all; two-stage methods split them:
