@@ -194,9 +194,17 @@ def test_study_budget_from_the_environment(monkeypatch):
         for preset, methods in (("tinybert", ("tinybert", "tinybert")), ("minilm", ("minilm", "ce"))):
             stages = preset_config(c, preset).stages
             assert [(s["method"]["name"], s["num_epochs"]) for s in stages] == list(zip(methods, (first, rest)))
+    # the MNIST-1D config builds on the same pair at its own budget, whatever the variables say
+    mnist1d = load_config(path.replace("fashion_vit.py", "mnist1d_transformer.py"))
+    assert mnist1d.train.num_epochs == 30
+    assert [s["num_epochs"] for s in preset_config(mnist1d, "minilm").stages] == [10, 20]
     monkeypatch.setenv("JAXKD_VIT_EPOCHS", "2")
     monkeypatch.setenv("JAXKD_VIT_INTERMEDIATE", "2")
-    with pytest.raises(Exception, match="JAXKD_VIT_INTERMEDIATE=2 must lie between 0 and JAXKD_VIT_EPOCHS=2"):
+    with pytest.raises(ValueError, match="intermediate=2 epochs must lie between 0 and epochs=2"):
+        load_config(path)
+    load_config(path.replace("fashion_vit.py", "mnist1d_transformer.py"))  # not its variables
+    monkeypatch.setenv("JAXKD_VIT_EPOCHS", "ten")
+    with pytest.raises(ValueError, match="JAXKD_VIT_EPOCHS='ten' must be a whole number"):
         load_config(path)
 
 

@@ -52,7 +52,8 @@ def transformer_presets(epochs: int = EPOCHS, intermediate: int = INTERMEDIATE) 
     }
 
 
-def get_config():
+def vit_config(epochs: int = EPOCHS, intermediate: int = INTERMEDIATE):
+    """The ViT pair with every preset at this budget (mnist1d_transformer.py builds on it)."""
     c = base_config()
     c.data.name = "fashion_mnist_local"
     c.data.batch_size = 128
@@ -70,11 +71,22 @@ def get_config():
     c.optim.weight_decay = 0.05
     c.optim.schedule = "cosine"
     c.optim.warmup_epochs = 1.0
-    epochs = int(os.environ.get("JAXKD_VIT_EPOCHS", EPOCHS))
-    intermediate = int(os.environ.get("JAXKD_VIT_INTERMEDIATE", INTERMEDIATE))
     if not 0 < intermediate < epochs:
-        raise ValueError(f"JAXKD_VIT_INTERMEDIATE={intermediate} must lie between 0 and JAXKD_VIT_EPOCHS={epochs} "
+        raise ValueError(f"intermediate={intermediate} epochs must lie between 0 and epochs={epochs} "
                          "(the two-stage methods need epochs for both stages)")
     c.train.num_epochs = epochs
     c.presets = transformer_presets(epochs, intermediate)
     return c
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name) or default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r} must be a whole number of epochs") from None
+
+
+def get_config():
+    """``vit_config`` at ``JAXKD_VIT_EPOCHS`` / ``JAXKD_VIT_INTERMEDIATE`` (default 10 / 3)."""
+    return vit_config(_env_int("JAXKD_VIT_EPOCHS", EPOCHS), _env_int("JAXKD_VIT_INTERMEDIATE", INTERMEDIATE))

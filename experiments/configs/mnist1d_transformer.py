@@ -27,10 +27,8 @@ def get_config():
     fashion_vit = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(fashion_vit)
     # everything as the Fashion-MNIST ViT config (AdamW 1e-3, cosine, KD defaults) but data, patches, epochs
-    c = fashion_vit.get_config()
+    c = fashion_vit.vit_config(EPOCHS, INTERMEDIATE)
     c.data.name = "mnist1d"
     c.teacher.kwargs = {"patch_size": PATCH}
     c.model.kwargs = {"patch_size": PATCH}
-    c.train.num_epochs = EPOCHS
-    c.presets = fashion_vit.transformer_presets(EPOCHS, INTERMEDIATE)
     return c
